@@ -1,0 +1,166 @@
+"""The Python face of capcli: load a model file, caption images. The CLI is a thin layer over it.
+
+    from capcli import Captioner
+    cap = Captioner.load("model.safetensors", device="cpu")   # or Captioner.load() for the shipped model
+    for r in cap.caption(["photo.jpg"], beam_size=3):
+        print(r.caption, r.score)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import torch
+
+from capcli import checkpoint
+from capcli.data import ImageError, image_to_tensor, prefetch_images
+from capcli.errors import CapcliError
+from capcli.model import resolve_device
+from capcli.sampling import Hypothesis, beam_search, greedy
+
+DEFAULT_MODEL_NAME = "capcli-lite0-flickr8k-mini.safetensors"
+
+
+def default_model_path() -> Path:
+    """$CAPCLI_MODEL, else the model shipped in the repository's weights/ (or the installed copy)."""
+    if env := os.environ.get("CAPCLI_MODEL"):
+        return Path(env)
+    candidates = [
+        Path(__file__).resolve().parent.parent / "weights" / DEFAULT_MODEL_NAME,  # source checkout / editable install
+        Path(sys.prefix) / "share" / "capcli" / "weights" / DEFAULT_MODEL_NAME,  # regular install
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise CapcliError(
+        f"no default model found ({candidates[0]} is missing); pass --model FILE, "
+        f"or train one with: capcli train --data DIR -o RUN_DIR"
+    )
+
+
+@dataclass
+class CaptionResult:
+    path: str | None
+    caption: str = ""
+    tokens: list[str] = field(default_factory=list)
+    score: float = float("nan")  # length-normalised log-probability (higher is better)
+    logprob: float = float("nan")  # total log-probability
+    attention: torch.Tensor | None = None  # (T, h, w): where each word looked
+    alternatives: list["CaptionResult"] = field(default_factory=list)  # with nbest > 1, the runners-up
+    error: str | None = None  # set when the image could not be read; the other fields are then empty
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Captioner:
+    def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device):
+        self.model, self.vocab, self.metadata = loaded.model, loaded.vocab, loaded.metadata
+        self.device = device
+        self.cfg = self.model.cfg
+        self._grid: tuple[int, int] | None = None
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, device: str = "auto") -> "Captioner":
+        dev = resolve_device(device)
+        loaded = checkpoint.load_model(path if path is not None else default_model_path(), dev)
+        return cls(loaded, dev)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        if self._grid is None:
+            self._grid = self.model.grid_shape()
+        return self._grid
+
+    # ------------------------------------------------------------------ core
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, L, D). On the CPU Lite0 is fastest a few images at a time."""
+        chunk = 64 if self.device.type == "cuda" else 4
+        out = []
+        for k in range(0, images.size(0), chunk):
+            x = images[k:k + chunk].to(self.device, non_blocking=True)  # (c, 3, S, S)
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
+                    out.append(self.model.encoder(x).float())
+            else:
+                out.append(self.model.encoder(x))  # (c, L, D)
+        return torch.cat(out)  # (N, L, D)
+
+    @torch.no_grad()
+    def decode(self, features: torch.Tensor, beam_size: int = 1, max_len: int = 30,
+               length_penalty: float = 1.0, nbest: int = 1) -> list[list[Hypothesis]]:
+        if beam_size <= 1 and nbest == 1:
+            return [[h] for h in greedy(self.model.decoder, features, max_len, length_penalty)]
+        return beam_search(self.model.decoder, features, max(beam_size, nbest), max_len, length_penalty, nbest)
+
+    def _result(self, path: str | None, hyps: list[Hypothesis]) -> CaptionResult:
+        h, w = self.grid
+        results = [
+            CaptionResult(
+                path=path, caption=self.vocab.decode(hyp.tokens), tokens=self.vocab.decode_ids(hyp.tokens),
+                score=hyp.score, logprob=hyp.logprob,
+                attention=hyp.alphas.view(-1, h, w) if hyp.alphas.size(1) == h * w else hyp.alphas,
+            )
+            for hyp in hyps
+        ]
+        best = results[0]
+        best.alternatives = results[1:]
+        return best
+
+    # ------------------------------------------------------------------ public
+    def caption_stream(
+        self,
+        paths: Iterable[str | Path],
+        beam_size: int = 1,
+        max_len: int = 30,
+        length_penalty: float = 1.0,
+        nbest: int = 1,
+        batch_size: int = 32,
+        workers: int = 2,
+    ) -> Iterator[CaptionResult]:
+        """Caption a stream of image files, yielding results in input order as each batch finishes.
+
+        Images load in background threads while the model works; an unreadable image yields a
+        result with ``error`` set and the others go on.
+        """
+        cfg = self.cfg
+        pending: list[tuple[Path, object]] = []
+        stream = prefetch_images((Path(p) for p in paths), cfg.image_size, cfg.mean, cfg.std, workers, ahead=2 * batch_size)
+        for item in stream:
+            pending.append(item)
+            if len(pending) >= batch_size:
+                yield from self._run_batch(pending, beam_size, max_len, length_penalty, nbest)
+                pending = []
+        if pending:
+            yield from self._run_batch(pending, beam_size, max_len, length_penalty, nbest)
+
+    def _run_batch(self, items, beam_size, max_len, length_penalty, nbest) -> list[CaptionResult]:
+        good = [t for _, t in items if not isinstance(t, ImageError)]
+        hyps = iter(self.decode(self.encode(torch.stack(good)), beam_size, max_len, length_penalty, nbest) if good else [])
+        return [
+            CaptionResult(str(path), error=str(t)) if isinstance(t, ImageError) else self._result(str(path), next(hyps))
+            for path, t in items
+        ]
+
+    def caption(self, images: Sequence, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0,
+                nbest: int = 1, batch_size: int = 32) -> list[CaptionResult]:
+        """Caption image files or PIL images. Unreadable files give results with ``error`` set."""
+        if all(isinstance(i, (str, Path)) for i in images):
+            return list(self.caption_stream(images, beam_size, max_len, length_penalty, nbest, batch_size))
+        from capcli.data import _to_rgb
+
+        cfg, results = self.cfg, []
+        for k in range(0, len(images), batch_size):
+            chunk = images[k:k + batch_size]
+            if not all(hasattr(i, "convert") for i in chunk):
+                raise TypeError("images must be paths or PIL images")
+            x = torch.stack([image_to_tensor(_to_rgb(i), cfg.image_size, cfg.mean, cfg.std) for i in chunk])  # (n, 3, S, S)
+            for hyps in self.decode(self.encode(x), beam_size, max_len, length_penalty, nbest):
+                results.append(self._result(None, hyps))
+        return results

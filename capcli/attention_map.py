@@ -1,0 +1,52 @@
+"""The Show-Attend-Tell figure: one panel per generated word, the image lit where that word looked."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+PANEL = 224  # longest side of one panel, in pixels
+LABEL = 22  # height of the strip under a panel that holds its word
+COLUMNS = 5
+
+
+def render(image, words: Sequence[str], attention, panel: int = PANEL, columns: int = COLUMNS):
+    """RGB PIL image + words + attention (T, h, w) -> one PIL image, a grid of len(words) panels."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    scale = panel / max(image.size)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    base = image.convert("RGB").resize((w, h), Image.BICUBIC)
+    n = len(words)
+    cols = max(1, min(columns, n))
+    rows = max(1, math.ceil(n / cols))
+    sheet = Image.new("RGB", (cols * w, rows * (h + LABEL)), "white")
+    draw = ImageDraw.Draw(sheet)
+    try:
+        font = ImageFont.load_default(size=16)
+    except TypeError:  # Pillow < 10.1
+        font = ImageFont.load_default()
+    dark = Image.new("RGB", (w, h), (0, 0, 0))
+    for i, word in enumerate(words):
+        a = attention[i].float()
+        a = (a / a.max().clamp_min(1e-12)).clamp(0, 1)  # (h, w), strongest cell = 1
+        mask = Image.frombytes("L", (a.size(1), a.size(0)), bytes((a * 255).round().byte().flatten().tolist()))
+        mask = mask.resize((w, h), Image.BILINEAR).point(lambda v: 60 + v * 195 // 255)  # keep the scene visible
+        x, y = (i % cols) * w, (i // cols) * (h + LABEL)
+        sheet.paste(Image.composite(base, dark, mask), (x, y))
+        draw.text((x + w // 2, y + h + LABEL // 2), word, fill="black", font=font, anchor="mm")
+    return sheet
+
+
+def save(path: str | Path, image, words: Sequence[str], attention) -> Path:
+    """Render and write a PNG; the words are also stored in its text chunk ``capcli:words``."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from capcli.checkpoint import atomic_write
+
+    info = PngInfo()
+    info.add_text("capcli:words", " ".join(words))
+    sheet = render(image, words, attention)
+    atomic_write(Path(path), lambda tmp: sheet.save(tmp, format="PNG", pnginfo=info))
+    return Path(path)

@@ -1,0 +1,530 @@
+"""Datasets on disk -> ``Sample(image_path, captions, split)``, and image files -> RGB pictures.
+
+Layouts are recognised by what the data folder holds (see ``load_dataset``). Every caption of an
+image lands in the same split: the dataset's own split where it has one, otherwise a split by a
+hash of the image's file name, stable across machines and runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from capcli.errors import CapcliError
+
+log = logging.getLogger("capcli")
+
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+DEFAULT_SPLIT = (0.90, 0.05, 0.05)
+
+# Column names accepted in generic caption files (first match wins).
+_IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name", "file", "image_path", "path", "img")
+_CAPTION_COLUMNS = ("caption", "text", "sentence", "comment", "raw", "description")
+
+
+@dataclass(frozen=True)
+class Sample:
+    image_path: Path
+    captions: tuple[str, ...]
+    split: str  # "train" | "val" | "test"
+
+
+# --------------------------------------------------------------------------- splits
+
+def parse_split_ratios(text: str) -> tuple[float, float, float]:
+    """"90/5/5" (or "0.9,0.05,0.05") -> (0.9, 0.05, 0.05)."""
+    parts = [p for p in text.replace(",", "/").replace(":", "/").split("/") if p.strip()]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0 or values[0] == 0:
+        raise CapcliError(f"--split {text!r}: expected three numbers train/val/test such as 90/5/5")
+    total = sum(values)
+    return (values[0] / total, values[1] / total, values[2] / total)
+
+
+def hash_split(image_name: str, ratios: Sequence[float] = DEFAULT_SPLIT) -> str:
+    """Deterministic split of one image by a hash of its file name (not its folder)."""
+    digest = hashlib.blake2b(image_name.encode("utf-8"), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64  # uniform in [0, 1)
+    if u < ratios[0]:
+        return "train"
+    return "val" if u < ratios[0] + ratios[1] else "test"
+
+
+# --------------------------------------------------------------------------- caption tables
+
+@dataclass
+class _Row:
+    image: str
+    caption: str
+    split: str | None
+    line: int
+
+
+def _open_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CapcliError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CapcliError(f"{path}: is a directory, expected a caption file") from None
+    except OSError as e:
+        raise CapcliError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")  # tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise CapcliError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def _pick(names: Sequence[str], wanted: Sequence[str]) -> int | None:
+    lowered = [n.strip().lower() for n in names]
+    for w in wanted:
+        if w in lowered:
+            return lowered.index(w)
+    return None
+
+
+def _looks_like_image_name(text: str) -> bool:
+    return Path(text.strip().split("#")[0]).suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_caption_table(path: Path) -> list[_Row]:
+    """Read a CSV, TSV or JSONL caption file into rows of (image, caption, split, line number).
+
+    CSV follows RFC 4180 (quoted fields may hold commas, doubled quotes and newlines); a header
+    row names the columns, or, when the first field of the first row looks like an image file
+    name, the file has no header and the columns are image, caption.
+    """
+    text = _open_text(path)
+    if path.suffix.lower() in (".jsonl", ".ndjson") or (path.suffix.lower() == ".json" and text.lstrip()[:1] == "{"):
+        return _read_jsonl(path, text)
+    first_line = text.split("\n", 1)[0]
+    delimiter = "\t" if (path.suffix.lower() == ".tsv" or "\t" in first_line) else ","
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows: list[_Row] = []
+    columns: tuple[int, int, int | None] | None = None
+    try:
+        for record in reader:
+            line = reader.line_num
+            if not record or all(not f.strip() for f in record):
+                continue  # blank line
+            if columns is None:
+                img, cap = _pick(record, _IMAGE_COLUMNS), _pick(record, _CAPTION_COLUMNS)
+                if img is not None and cap is not None:
+                    columns = (img, cap, _pick(record, ("split",)))
+                    continue  # that was the header
+                if _looks_like_image_name(record[0]) and len(record) >= 2:
+                    columns = (0, 1, None)  # no header: image, caption
+                else:
+                    found = ", ".join(f.strip() for f in record[:6])
+                    raise CapcliError(
+                        f"{path}:{line}: no image and caption columns in the header (found: {found}); "
+                        f"expected e.g. 'image,caption'"
+                    )
+            img, cap, split = columns
+            if len(record) <= max(img, cap):
+                raise CapcliError(f"{path}:{line}: expected at least {max(img, cap) + 1} fields, found {len(record)}")
+            split_value = record[split].strip().lower() if split is not None and split < len(record) else None
+            rows.append(_Row(record[img].strip(), record[cap].strip(), split_value or None, line))
+    except csv.Error as e:
+        raise CapcliError(f"{path}:{reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e})") from None
+    if columns is None:
+        raise CapcliError(f"{path}: no captions in the file")
+    return rows
+
+
+def _read_jsonl(path: Path, text: str) -> list[_Row]:
+    rows = []
+    for line, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise CapcliError(f"{path}:{line}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise CapcliError(f"{path}:{line}: expected a JSON object per line")
+        img = next((obj[k] for k in _IMAGE_COLUMNS if k in obj), None)
+        cap = next((obj[k] for k in _CAPTION_COLUMNS if k in obj), None)
+        if img is None or cap is None:
+            raise CapcliError(
+                f"{path}:{line}: no image and caption fields (found: {', '.join(list(obj)[:6])}); "
+                f"expected e.g. {{\"image\": ..., \"caption\": ...}}"
+            )
+        caps = cap if isinstance(cap, list) else [cap]
+        split = obj.get("split")
+        for c in caps:
+            rows.append(_Row(str(img).strip(), str(c).strip(), str(split).lower() if split else None, line))
+    return rows
+
+
+# --------------------------------------------------------------------------- assembling samples
+
+def _assemble(
+    entries: Iterable[tuple[Path, str, str | None]],
+    ratios: Sequence[float],
+    source: str,
+) -> list[Sample]:
+    """Group (image path, caption, split or None) into Samples; skip empties, duplicates, missing images."""
+    captions: dict[Path, list[str]] = {}
+    splits: dict[Path, str | None] = {}
+    seen: set[tuple[Path, str]] = set()
+    empty = duplicates = 0
+    for image_path, caption, split in entries:
+        caption = " ".join(caption.split())
+        if not caption:
+            empty += 1
+            continue
+        if (image_path, caption) in seen:
+            duplicates += 1
+            continue
+        seen.add((image_path, caption))
+        captions.setdefault(image_path, []).append(caption)
+        if split is not None:
+            splits[image_path] = "train" if split == "restval" else split
+        else:
+            splits.setdefault(image_path, None)
+    if empty:
+        log.warning("%s: skipped %d empty caption%s", source, empty, "s" * (empty != 1))
+    if duplicates:
+        log.warning("%s: skipped %d duplicate caption%s", source, duplicates, "s" * (duplicates != 1))
+    samples, missing_images, missing_captions = [], 0, 0
+    for image_path, caps in captions.items():
+        if not image_path.is_file():
+            missing_images += 1
+            missing_captions += len(caps)
+            continue
+        split = splits[image_path]
+        if split not in SPLITS:
+            split = hash_split(image_path.name, ratios)
+        samples.append(Sample(image_path, tuple(caps), split))
+    if missing_images:
+        log.warning(
+            "%s: skipped %d caption%s of %d image%s not found on disk",
+            source, missing_captions, "s" * (missing_captions != 1), missing_images, "s" * (missing_images != 1),
+        )
+    if not samples:
+        raise CapcliError(f"{source}: no usable captions (no caption has an image on disk)")
+    samples.sort(key=lambda s: str(s.image_path))
+    return samples
+
+
+def _find(root: Path, names: Sequence[str]) -> Path | None:
+    for name in names:
+        for candidate in (root / name, root / "Flickr8k_text" / name, root / "annotations" / name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _first_dir(root: Path, names: Sequence[str]) -> Path | None:
+    return next((root / n for n in names if (root / n).is_dir()), None)
+
+
+def load_dataset(
+    data_dir: str | Path | None = None,
+    *,
+    captions_file: str | Path | None = None,
+    images_dir: str | Path | None = None,
+    split_ratios: Sequence[float] = DEFAULT_SPLIT,
+) -> list[Sample]:
+    """Find the captions and images under ``data_dir`` (or the explicit files) and return Samples.
+
+    Recognised layouts, tried in this order:
+      1. Karpathy split JSON: dataset_flickr8k.json / dataset_flickr30k.json / dataset_coco.json
+      2. COCO caption annotations: annotations/captions_{train,val}{2014,2017}.json + image folders
+      3. Original Flickr8k: Flickr8k.token.txt (+ Flickr_8k.{train,dev,test}Images.txt), Flicker8k_Dataset/
+      4. Kaggle Flickr8k: captions.txt + Images/
+      5. Generic: ``captions_file`` (CSV, TSV, JSONL) + ``images_dir``
+    """
+    if captions_file is not None:
+        captions_file = Path(captions_file)
+        images = Path(images_dir) if images_dir is not None else captions_file.parent
+        if not images.is_dir():
+            raise CapcliError(f"{images}: image folder not found")
+        rows = read_caption_table(captions_file)
+        return _assemble(((images / r.image, r.caption, r.split) for r in rows), split_ratios, str(captions_file))
+    if data_dir is None:
+        raise CapcliError("give --data DIR, or --captions FILE with --images DIR")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise CapcliError(f"{root}: data folder not found")
+    images = Path(images_dir) if images_dir is not None else None
+
+    if karpathy := _find(root, ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")):
+        return _load_karpathy(karpathy, root, images, split_ratios)
+    coco = sorted((root / "annotations").glob("captions_*.json")) if (root / "annotations").is_dir() else []
+    if coco:
+        return _load_coco(coco, root, images, split_ratios)
+    if token := _find(root, ("Flickr8k.token.txt",)):
+        return _load_flickr8k_original(token, root, images, split_ratios)
+    if (root / "captions.txt").is_file():
+        images = images or _first_dir(root, ("Images", "images")) or root
+        rows = read_caption_table(root / "captions.txt")
+        return _assemble(((images / r.image, r.caption, r.split) for r in rows), split_ratios, str(root / "captions.txt"))
+    raise CapcliError(
+        f"{root}: no dataset found (expected captions.txt + Images/, Flickr8k.token.txt, "
+        f"dataset_*.json, or annotations/captions_*.json; or use --captions FILE --images DIR)"
+    )
+
+
+def _load_json(path: Path) -> object:
+    try:
+        return json.loads(_open_text(path))
+    except json.JSONDecodeError as e:
+        raise CapcliError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _load_karpathy(path: Path, root: Path, images: Path | None, ratios) -> list[Sample]:
+    data = _load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise CapcliError(f"{path}: not a Karpathy split file (no 'images' list)")
+    image_roots = [images] if images else [root, *(d for d in (root / "Images", root / "images", root / "Flicker8k_Dataset", root / "flickr30k_images") if d.is_dir())]
+
+    def locate(entry: dict) -> Path:
+        rel = Path(entry.get("filepath", "")) / entry["filename"]
+        for base in image_roots:
+            for candidate in (base / rel, base / entry["filename"]):
+                if candidate.is_file():
+                    return candidate
+        return image_roots[0] / rel
+
+    def entries():
+        for i, entry in enumerate(data["images"]):
+            try:
+                image_path = locate(entry)
+                sentences = entry["sentences"]
+            except (KeyError, TypeError):
+                raise CapcliError(f"{path}: images[{i}] lacks 'filename' or 'sentences'") from None
+            for s in sentences:
+                yield image_path, str(s.get("raw", " ".join(s.get("tokens", [])))), entry.get("split")
+
+    return _assemble(entries(), ratios, str(path))
+
+
+def _load_coco(files: list[Path], root: Path, images: Path | None, ratios) -> list[Sample]:
+    """COCO annotation files; train files -> train, val files -> half val, half test (by hash)."""
+    def entries():
+        for path in files:
+            data = _load_json(path)
+            if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
+                raise CapcliError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
+            stem = path.stem.split("_", 1)[-1]  # captions_train2014 -> train2014
+            folder = images or _first_dir(root, (stem, f"images/{stem}")) or root
+            names = {img["id"]: img["file_name"] for img in data["images"]}
+            is_train = "train" in stem
+            for ann in data["annotations"]:
+                name = names.get(ann.get("image_id"))
+                if name is None:
+                    continue
+                split = "train" if is_train else ("val" if hash_split(name, (0, 0.5, 0.5)) == "val" else "test")
+                yield folder / name, str(ann.get("caption", "")), split
+
+    return _assemble(entries(), ratios, str(files[0].parent))
+
+
+def _load_flickr8k_original(token: Path, root: Path, images: Path | None, ratios) -> list[Sample]:
+    folder = images or _first_dir(root, ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")) or root
+    split_of: dict[str, str] = {}
+    for split, name in (("train", "Flickr_8k.trainImages.txt"), ("val", "Flickr_8k.devImages.txt"), ("test", "Flickr_8k.testImages.txt")):
+        if listing := _find(root, (name,)):
+            for line in _open_text(listing).splitlines():
+                if line.strip():
+                    split_of[line.strip()] = split
+
+    def entries():
+        for line_no, line in enumerate(_open_text(token).splitlines(), 1):
+            if not line.strip():
+                continue
+            key, sep, caption = line.partition("\t")
+            if not sep:
+                raise CapcliError(f"{token}:{line_no}: expected 'name.jpg#N<TAB>caption'")
+            name = key.split("#")[0].strip()
+            # With official split files, images they do not list are left out, as in the papers.
+            split = split_of.get(name, "unlisted" if split_of else None)
+            if split != "unlisted":
+                yield folder / name, caption, split
+
+    return _assemble(entries(), ratios, str(token))
+
+
+def split_counts(samples: Sequence[Sample]) -> dict[str, int]:
+    counts = Counter(s.split for s in samples)
+    return {s: counts.get(s, 0) for s in SPLITS}
+
+
+# --------------------------------------------------------------------------- images
+
+MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own bomb limit; larger images are refused, not decoded
+
+
+class ImageError(Exception):
+    """One image could not be used; the message says why (shown as ``capcli: PATH: reason``)."""
+
+
+def load_image(path: str | Path, draft_size: int | None = None):
+    """Open an image file as an RGB PIL image, whatever its mode, orientation or frame count.
+
+    EXIF orientation is applied; grayscale, CMYK, palette, 16-bit and alpha images become RGB
+    (transparency composited on white); animated images give their first frame. Raises
+    ImageError with a one-line reason for anything that is not a readable image.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"image too large ({img.width}x{img.height} pixels)")
+                if draft_size and img.format == "JPEG":
+                    img.draft("RGB", (draft_size, draft_size))  # decode at reduced scale: much faster
+                img.seek(0)
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return _to_rgb(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError("image too large (decompression bomb limit)") from None
+    except OSError as e:
+        reason = e.strerror or str(e) or e.__class__.__name__
+        if "truncated" in reason.lower() or "broken data stream" in reason.lower():
+            reason = "truncated or corrupt image data"
+        raise ImageError(reason) from None
+    except (ValueError, SyntaxError, EOFError, MemoryError) as e:  # Pillow's plugins raise these on bad data
+        raise ImageError(f"corrupt image ({e.__class__.__name__}: {e})") from None
+
+
+def _to_rgb(img):
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping everything above 255 to white.
+        img = img.convert("I")
+        lo, hi = img.getextrema()
+        scale = 255.0 / max(hi - lo, 1)
+        img = img.point(lambda v: (v - lo) * scale).convert("L")
+    elif img.mode == "F":
+        lo, hi = img.getextrema()
+        img = img.point(lambda v: (v - lo) * (255.0 / max(hi - lo, 1e-12))).convert("L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def image_to_tensor(img, size: int, mean: Sequence[float], std: Sequence[float]):
+    """RGB PIL image -> normalised (3, size, size) float tensor (the whole image, squashed, never cropped)."""
+    import torch
+    from PIL import Image
+
+    img = img.resize((size, size), Image.BICUBIC)
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)  # (S*S*3,)
+    x = x.view(size, size, 3).permute(2, 0, 1).float().div_(255)  # (3, S, S)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s  # (3, S, S)
+
+
+def expand_paths(inputs: Iterable[str]) -> Iterator[Path]:
+    """Yield image paths from files, directories (recursively, sorted) and '-' (paths on stdin).
+
+    Explicit files are yielded whatever their suffix (they may fail to load later, and are then
+    reported); inside directories only files with image suffixes are taken. Symbolic links are
+    followed, each real directory visited once, so a link loop ends.
+    """
+    import sys
+
+    for item in inputs:
+        if item == "-":
+            for line in sys.stdin:
+                line = line.rstrip("\r\n")
+                if line:
+                    yield from expand_paths([line])
+            continue
+        path = Path(item)
+        if path.is_dir():
+            yield from _walk_images(path)
+        else:
+            yield path
+
+
+def _walk_images(root: Path) -> list[Path]:
+    found: list[Path] = []
+    visited: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
+        for name in filenames:
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def prefetch_images(
+    paths: Iterable[Path],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    workers: int = 2,
+    ahead: int = 32,
+) -> Iterator[tuple[Path, object]]:
+    """Load and preprocess images in background threads; yield (path, tensor or ImageError) in input order.
+
+    Pillow and torch release the GIL while decoding and resizing, so threads overlap with the
+    model. At most ``ahead`` images are in flight: a folder of any size streams in bounded memory.
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def work(path: Path):
+        try:
+            return image_to_tensor(load_image(path, draft_size=size), size, mean, std)
+        except ImageError as e:
+            return e
+
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="capcli-images") as pool:
+        pending: deque = deque()
+        source = iter(paths)
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < ahead:
+                try:
+                    path = next(source)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending.append((path, pool.submit(work, path)))
+            if pending:
+                path, future = pending.popleft()
+                yield path, future.result()
