@@ -13,6 +13,8 @@ import io
 import json
 import logging
 import os
+import re
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -98,7 +100,17 @@ def _pick(names: Sequence[str], wanted: Sequence[str]) -> int | None:
 
 
 def _looks_like_image_name(text: str) -> bool:
-    return Path(text.strip().split("#")[0]).suffix.lower() in IMAGE_SUFFIXES
+    return Path(_image_key(text)).suffix.lower() in IMAGE_SUFFIXES
+
+
+_CAPTION_NUMBER = re.compile(r"#\d+$")
+
+
+def _image_key(text: str) -> str:
+    """'name.jpg#2' (Flickr token files number each image's captions) -> 'name.jpg'."""
+    text = text.strip()
+    stripped = _CAPTION_NUMBER.sub("", text)
+    return stripped if Path(stripped).suffix.lower() in IMAGE_SUFFIXES else text
 
 
 def read_caption_table(path: Path) -> list[_Row]:
@@ -112,38 +124,61 @@ def read_caption_table(path: Path) -> list[_Row]:
     if path.suffix.lower() in (".jsonl", ".ndjson") or (path.suffix.lower() == ".json" and text.lstrip()[:1] == "{"):
         return _read_jsonl(path, text)
     first_line = text.split("\n", 1)[0]
-    delimiter = "\t" if (path.suffix.lower() == ".tsv" or "\t" in first_line) else ","
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    tsv = path.suffix.lower() == ".tsv" or "\t" in first_line
+    delimiter, kind = ("\t", "TSV") if tsv else (",", "CSV")
+    # CSV quoting is strict, so a stray or unclosed quote is an error at its line instead of a
+    # field that silently swallows the rest of the file. TSV has no quoting (a caption may start
+    # with a quote, as some in Flickr token files do); a field wrapped in quotes is unwrapped below.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True,
+                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     rows: list[_Row] = []
     columns: tuple[int, int, int | None] | None = None
-    try:
-        for record in reader:
-            line = reader.line_num
-            if not record or all(not f.strip() for f in record):
-                continue  # blank line
-            if columns is None:
-                img, cap = _pick(record, _IMAGE_COLUMNS), _pick(record, _CAPTION_COLUMNS)
-                if img is not None and cap is not None:
-                    columns = (img, cap, _pick(record, ("split",)))
-                    continue  # that was the header
-                if _looks_like_image_name(record[0]) and len(record) >= 2:
-                    columns = (0, 1, None)  # no header: image, caption
-                else:
-                    found = ", ".join(f.strip() for f in record[:6])
-                    raise CapcliError(
-                        f"{path}:{line}: no image and caption columns in the header (found: {found}); "
-                        f"expected e.g. 'image,caption'"
-                    )
-            img, cap, split = columns
-            if len(record) <= max(img, cap):
-                raise CapcliError(f"{path}:{line}: expected at least {max(img, cap) + 1} fields, found {len(record)}")
-            split_value = record[split].strip().lower() if split is not None and split < len(record) else None
-            rows.append(_Row(record[img].strip(), record[cap].strip(), split_value or None, line))
-    except csv.Error as e:
-        raise CapcliError(f"{path}:{reader.line_num}: malformed {'TSV' if delimiter == chr(9) else 'CSV'} ({e})") from None
+    while True:
+        line = reader.line_num + 1  # where the next record starts
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            reason = "a quoted field is never closed" if "unexpected end of data" in str(e) else str(e)
+            raise CapcliError(f"{path}:{line}: malformed {kind} ({reason})") from None
+        if tsv:
+            record = [_unquote(f) for f in record]
+        if not record or all(not f.strip() for f in record):
+            continue  # blank line
+        if columns is None:
+            img, cap = _pick(record, _IMAGE_COLUMNS), _pick(record, _CAPTION_COLUMNS)
+            if img is not None and cap is not None:
+                columns, width = (img, cap, _pick(record, ("split",))), len(record)
+                continue  # that was the header
+            if _looks_like_image_name(record[0]) and len(record) >= 2:
+                columns, width = (0, 1, None), 2  # no header: image, caption
+            else:
+                found = ", ".join(f.strip() for f in record[:6])
+                raise CapcliError(
+                    f"{path}:{line}: no image and caption columns in the header (found: {found}); "
+                    f"expected e.g. 'image,caption'"
+                )
+        img, cap, split = columns
+        if len(record) <= max(img, cap):
+            raise CapcliError(f"{path}:{line}: expected {width} fields, found {len(record)}")
+        if len(record) > width:
+            if cap != width - 1:
+                raise CapcliError(f"{path}:{line}: expected {width} fields, found {len(record)} (quote fields that hold {'tabs' if tsv else 'commas'})")
+            # An unquoted delimiter inside the last column, the caption: it is the rest of the line.
+            record = record[:cap] + [delimiter.join(record[cap:])]
+        split_value = record[split].strip().lower() if split is not None and split < len(record) else None
+        rows.append(_Row(_image_key(record[img]), record[cap].strip(), split_value or None, line))
     if columns is None:
         raise CapcliError(f"{path}: no captions in the file")
     return rows
+
+
+def _unquote(field: str) -> str:
+    """'"a dog, running"' -> 'a dog, running' (TSV written by CSV tools); other fields unchanged."""
+    if len(field) >= 2 and field[0] == field[-1] == '"':
+        return field[1:-1].replace('""', '"')
+    return field
 
 
 def _read_jsonl(path: Path, text: str) -> list[_Row]:
@@ -167,11 +202,15 @@ def _read_jsonl(path: Path, text: str) -> list[_Row]:
         caps = cap if isinstance(cap, list) else [cap]
         split = obj.get("split")
         for c in caps:
-            rows.append(_Row(str(img).strip(), str(c).strip(), str(split).lower() if split else None, line))
+            rows.append(_Row(_image_key(str(img)), str(c).strip(), str(split).strip().lower() if split else None, line))
     return rows
 
 
 # --------------------------------------------------------------------------- assembling samples
+
+# Split names other datasets use ('restval': the Karpathy split's extra training images).
+_SPLIT_ALIASES = {"restval": "train", "training": "train", "dev": "val", "valid": "val", "validation": "val", "testing": "test"}
+
 
 def _assemble(
     entries: Iterable[tuple[Path, str, str | None]],
@@ -194,14 +233,17 @@ def _assemble(
         seen.add((image_path, caption))
         captions.setdefault(image_path, []).append(caption)
         if split is not None:
-            splits[image_path] = "train" if split == "restval" else split
+            split = str(split).strip().lower()
+            splits[image_path] = _SPLIT_ALIASES.get(split, split)
         else:
             splits.setdefault(image_path, None)
     if empty:
         log.warning("%s: skipped %d empty caption%s", source, empty, "s" * (empty != 1))
     if duplicates:
         log.warning("%s: skipped %d duplicate caption%s", source, duplicates, "s" * (duplicates != 1))
-    samples, missing_images, missing_captions = [], 0, 0
+    if not captions:
+        raise CapcliError(f"{source}: no usable captions (all are empty)" if empty else f"{source}: no captions in the file")
+    samples, missing_images, missing_captions, unknown_splits = [], 0, 0, Counter()
     for image_path, caps in captions.items():
         if not image_path.is_file():
             missing_images += 1
@@ -209,6 +251,8 @@ def _assemble(
             continue
         split = splits[image_path]
         if split not in SPLITS:
+            if split is not None:
+                unknown_splits[split] += 1
             split = hash_split(image_path.name, ratios)
         samples.append(Sample(image_path, tuple(caps), split))
     if missing_images:
@@ -216,8 +260,12 @@ def _assemble(
             "%s: skipped %d caption%s of %d image%s not found on disk",
             source, missing_captions, "s" * (missing_captions != 1), missing_images, "s" * (missing_images != 1),
         )
+    if unknown_splits:
+        names = ", ".join(repr(k) for k in sorted(unknown_splits))
+        n = sum(unknown_splits.values())
+        log.warning("%s: %d image%s with an unknown split (%s) split by name hash instead", source, n, "s" * (n != 1), names)
     if not samples:
-        raise CapcliError(f"{source}: no usable captions (no caption has an image on disk)")
+        raise CapcliError(f"{source}: no usable captions (none of the {missing_images} images they name is on disk)")
     samples.sort(key=lambda s: str(s.image_path))
     return samples
 
@@ -295,7 +343,7 @@ def _load_karpathy(path: Path, root: Path, images: Path | None, ratios) -> list[
     image_roots = [images] if images else [root, *(d for d in (root / "Images", root / "images", root / "Flicker8k_Dataset", root / "flickr30k_images") if d.is_dir())]
 
     def locate(entry: dict) -> Path:
-        rel = Path(entry.get("filepath", "")) / entry["filename"]
+        rel = Path(entry.get("filepath") or "") / entry["filename"]
         for base in image_roots:
             for candidate in (base / rel, base / entry["filename"]):
                 if candidate.is_file():
@@ -306,11 +354,12 @@ def _load_karpathy(path: Path, root: Path, images: Path | None, ratios) -> list[
         for i, entry in enumerate(data["images"]):
             try:
                 image_path = locate(entry)
-                sentences = entry["sentences"]
-            except (KeyError, TypeError):
-                raise CapcliError(f"{path}: images[{i}] lacks 'filename' or 'sentences'") from None
-            for s in sentences:
-                yield image_path, str(s.get("raw", " ".join(s.get("tokens", [])))), entry.get("split")
+                sentences = [str(s["raw"]) if "raw" in s else " ".join(map(str, s["tokens"])) for s in entry["sentences"]]
+                split = entry.get("split")
+            except (KeyError, TypeError, AttributeError):  # a field missing, or of the wrong JSON type
+                raise CapcliError(f"{path}: images[{i}] lacks 'filename' or 'sentences' with 'raw' captions") from None
+            for sentence in sentences:
+                yield image_path, sentence, split
 
     return _assemble(entries(), ratios, str(path))
 
@@ -324,14 +373,21 @@ def _load_coco(files: list[Path], root: Path, images: Path | None, ratios) -> li
                 raise CapcliError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
             stem = path.stem.split("_", 1)[-1]  # captions_train2014 -> train2014
             folder = images or _first_dir(root, (stem, f"images/{stem}")) or root
-            names = {img["id"]: img["file_name"] for img in data["images"]}
+            try:
+                names = {img["id"]: str(img["file_name"]) for img in data["images"]}
+                anns = [(names.get(ann["image_id"]), str(ann["caption"])) for ann in data["annotations"]]
+            except (KeyError, TypeError):  # an entry that is not an object, or lacks a field
+                raise CapcliError(f"{path}: not a COCO captions file (images need 'id' and 'file_name', "
+                                  f"annotations 'image_id' and 'caption')") from None
+            unknown = sum(name is None for name, _ in anns)
+            if unknown:
+                log.warning("%s: skipped %d caption%s of unknown image ids", path, unknown, "s" * (unknown != 1))
             is_train = "train" in stem
-            for ann in data["annotations"]:
-                name = names.get(ann.get("image_id"))
+            for name, caption in anns:
                 if name is None:
                     continue
                 split = "train" if is_train else ("val" if hash_split(name, (0, 0.5, 0.5)) == "val" else "test")
-                yield folder / name, str(ann.get("caption", "")), split
+                yield folder / name, caption, split
 
     return _assemble(entries(), ratios, str(files[0].parent))
 
@@ -386,17 +442,21 @@ def load_image(path: str | Path, draft_size: int | None = None):
 
     path = Path(path)
     try:
-        with warnings.catch_warnings():
+        # Image.open reads only the header; that is where Pillow warns of a decompression bomb.
+        # catch_warnings changes process-wide state, so images opened in parallel threads
+        # (prefetch_images) take turns here; the slow decoding below runs outside the lock.
+        with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise ImageError(f"image too large ({img.width}x{img.height} pixels)")
-                if draft_size and img.format == "JPEG":
-                    img.draft("RGB", (draft_size, draft_size))  # decode at reduced scale: much faster
-                img.seek(0)
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+            img = Image.open(path)
+        with img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise ImageError(f"image too large ({img.width}x{img.height} pixels)")
+            if draft_size and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))  # decode at reduced scale: much faster
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -406,16 +466,30 @@ def load_image(path: str | Path, draft_size: int | None = None):
     except PermissionError:
         raise ImageError("permission denied") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
+        raise ImageError("empty file" if _is_empty(path) else "not an image (unrecognised format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("image too large (decompression bomb limit)") from None
     except OSError as e:
         reason = e.strerror or str(e) or e.__class__.__name__
+        if e.strerror:
+            reason = reason[:1].lower() + reason[1:]  # "Too many levels of symbolic links", as the other reasons
         if "truncated" in reason.lower() or "broken data stream" in reason.lower():
             reason = "truncated or corrupt image data"
+        elif e.errno is None:  # Pillow's own terse words ("could not create decoder object")
+            reason = f"corrupt or unsupported image ({reason})"
         raise ImageError(reason) from None
     except (ValueError, SyntaxError, EOFError, MemoryError) as e:  # Pillow's plugins raise these on bad data
         raise ImageError(f"corrupt image ({e.__class__.__name__}: {e})") from None
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def _to_rgb(img):
