@@ -105,7 +105,11 @@ class LoadedModel:
     def training(self) -> dict:
         import json
 
-        return json.loads(self.metadata.get("training") or "{}")
+        try:
+            training = json.loads(self.metadata.get("training") or "{}")
+        except ValueError:
+            return {}  # the record of how it was trained is damaged; the model itself still works
+        return training if isinstance(training, dict) else {}
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -135,14 +139,21 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise CapcliError(f"{path}: no such file") from None
     except PermissionError:
         raise CapcliError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise CapcliError(f"{path}: cannot read ({e.strerror or e.__class__.__name__})") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise CapcliError(f"{path}: not a capcli model (not a safetensors file, or corrupt)") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(header, dict):
+        raise CapcliError(f"{path}: not a capcli model (not a safetensors file, or corrupt)")
+    metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise CapcliError(f"{path}: a safetensors file, but not a capcli model (no capcli metadata)")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise CapcliError(f"{path}: capcli model format {metadata.get('format_version')} is not supported by this capcli (needs {FORMAT_VERSION})")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise CapcliError(f"{path}: corrupt model file (a tensor entry of the header lacks its data offsets)") from None
     if 8 + n + end > size:
         raise CapcliError(f"{path}: truncated model file ({size} bytes, expected {8 + n + end})")
     return metadata
@@ -160,12 +171,15 @@ def load_model(path: str | Path, device: str = "cpu", *, encoder: str | None = N
     path = Path(path)
     metadata = read_metadata(path)
     try:
-        cfg = ModelConfig.from_dict(json.loads(metadata["config"]))
+        config = json.loads(metadata["config"])
+        if not isinstance(config, dict):
+            raise TypeError("'config' is not a JSON object")
+        cfg = ModelConfig.from_dict(config)
         vocab = Vocab.from_json(json.loads(metadata["vocab"]), f"{path}: vocabulary")
     except CapcliError:
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise CapcliError(f"{path}: damaged capcli metadata ({e.__class__.__name__}: {e})") from None
+        raise CapcliError(f"{path}: damaged capcli metadata ({e.__class__.__name__}: {_first_line(e)})") from None
     if len(vocab) != cfg.vocab_size:
         raise CapcliError(f"{path}: vocabulary has {len(vocab)} words but the model expects {cfg.vocab_size}")
     if encoder is not None and encoder != cfg.encoder:
@@ -175,8 +189,13 @@ def load_model(path: str | Path, device: str = "cpu", *, encoder: str | None = N
     try:
         tensors = load_file(str(path))
     except Exception as e:
-        raise CapcliError(f"{path}: corrupt model file ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
-    model = CaptionModel.from_config(cfg)
+        raise CapcliError(f"{path}: corrupt model file ({_first_line(e) or e.__class__.__name__})") from None
+    try:
+        model = CaptionModel.from_config(cfg)
+    except CapcliError as e:  # e.g. an encoder name this capcli does not know
+        raise CapcliError(f"{path}: {e.message}") from None
+    except (TypeError, ValueError, RuntimeError) as e:  # a config value of the wrong type or range
+        raise CapcliError(f"{path}: damaged capcli metadata (config: {e.__class__.__name__}: {_first_line(e)})") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -189,6 +208,10 @@ def load_model(path: str | Path, device: str = "cpu", *, encoder: str | None = N
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
     model.eval()
     return LoadedModel(model.to(torch.device(device)), vocab, metadata)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else ""
 
 
 # --------------------------------------------------------------------------- training state
