@@ -72,6 +72,16 @@ class Captioner:
         return cls(loaded, dev)
 
     @property
+    def training(self) -> dict:
+        """The training summary stored in the model file (data, split, epochs, scores...)."""
+        import json
+
+        try:
+            return json.loads(self.metadata.get("training") or "{}")
+        except ValueError:
+            return {}
+
+    @property
     def grid(self) -> tuple[int, int]:
         if self._grid is None:
             self._grid = self.model.grid_shape()

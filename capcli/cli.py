@@ -402,6 +402,72 @@ def beam(
     _caption_command(paths, model, device, batch_size, format, max_len, length_penalty, beam_size, nbest, attention_dir, workers)
 
 
+# --------------------------------------------------------------------------- evaluate
+
+@app.command()
+@handle_errors
+def evaluate(
+    data: DataOpt = None,
+    captions: CaptionsOpt = None,
+    images: ImagesOpt = None,
+    model: ModelOpt = None,
+    split_name: Annotated[str, typer.Option("--split", help="Which split to caption and score: test, val or train.")] = "test",
+    split_ratios: Annotated[Optional[str], typer.Option("--split-ratios", help="Train/val/test percentages for the hash split (default: those the model was trained with).")] = None,
+    beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="1: greedy; more: beam search.", min=1)] = 1,
+    max_len: MaxLenOpt = 30,
+    length_penalty: PenaltyOpt = 1.0,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = Device.auto,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object.")] = False,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Write the generated captions here (JSONL: path, caption, references).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N images of the split.", min=1)] = None,
+):
+    """Caption a split of a dataset and score it: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr."""
+    from capcli.api import Captioner
+    from capcli.data import load_dataset, parse_split_ratios
+    from capcli.evaluate import evaluate_model
+
+    if split_name not in ("train", "val", "test"):
+        raise CapcliError(f"--split {split_name!r}: choose test, val or train")
+    captioner = Captioner.load(model, device.value)
+    ratios = split_ratios or captioner.training.get("split") or "90/5/5"
+    samples = load_dataset(data, captions_file=captions, images_dir=images, split_ratios=parse_split_ratios(ratios))
+    chosen = [s for s in samples if s.split == split_name][:limit]
+    if not chosen:
+        raise CapcliError(f"{data or captions}: the {split_name} split is empty (split {ratios})")
+    reporter = RichReporter()
+    reporter.start(f"captioning {split_name}", len(chosen), unit="images")
+    try:
+        scores, notes, results = evaluate_model(captioner, chosen, beam_size, max_len, length_penalty, batch_size,
+                                                on_result=lambda r: reporter.update(1))
+    except ValueError as e:
+        raise CapcliError(str(e), exit_code=1) from None
+    finally:
+        reporter.stop()
+    for note in notes:
+        log.warning("%s", note)
+    if save is not None:
+        refs = {str(s.image_path): list(s.captions) for s in chosen}
+        lines = [json.dumps({"path": r.path, "caption": r.caption, "references": refs[r.path]} if r.ok
+                            else {"path": r.path, "error": r.error}, ensure_ascii=False) for r in results]
+        from capcli.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(save, ("\n".join(lines) + "\n").encode())
+    summary = {"split": split_name, "images": len(chosen), "beam_size": beam_size, **scores}
+    if as_json:
+        print(json.dumps(summary))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(chosen)} {split_name} images, " + ("greedy" if beam_size == 1 else f"beam {beam_size}"))
+    table.add_column("metric")
+    table.add_column("score", justify="right")
+    for name, value in scores.items():
+        table.add_row(name, f"{value:.4f}")
+    Console().print(table)
+
+
 def main() -> None:
     try:
         app()

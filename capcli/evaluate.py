@@ -98,3 +98,29 @@ def score_captions(
     if not use_ptb and tokenizer == "auto":
         notes.append("tokenised without Java: lowercase, punctuation removed (PTB tokenizer needs java)")
     return {m: scores[m] for m in METRICS if m in scores}, notes
+
+
+def evaluate_model(captioner, samples, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0,
+                   batch_size: int = 32, tokenizer: str = "auto", on_result=None):
+    """Caption every sample's image with ``captioner`` and score against all of its references.
+
+    Returns (scores, notes, results); unreadable images are left out of the scores and listed in
+    notes. ``on_result(result)`` is called as each caption is made (for progress bars).
+    """
+    references, candidates, results, failed = {}, {}, [], []
+    by_path = {str(s.image_path): s for s in samples}
+    for r in captioner.caption_stream([s.image_path for s in samples], beam_size, max_len, length_penalty, 1, batch_size):
+        results.append(r)
+        if on_result is not None:
+            on_result(r)
+        if not r.ok:
+            failed.append(f"{r.path}: {r.error}")
+            continue
+        references[r.path] = list(by_path[r.path].captions)
+        candidates[r.path] = r.caption
+    if not candidates:
+        raise ValueError("no image could be captioned")
+    scores, notes = score_captions(references, candidates, tokenizer=tokenizer)
+    if failed:
+        notes.append(f"{len(failed)} unreadable images left out (first: {failed[0]})")
+    return scores, notes, results

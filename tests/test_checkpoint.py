@@ -1,0 +1,90 @@
+"""Model files: safetensors round trip with complete metadata, fp16 export, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from capcli import checkpoint
+from capcli.model import CaptionModel, ModelConfig
+from capcli.vocab import Vocab
+
+
+@pytest.fixture()
+def model_and_vocab():
+    torch.manual_seed(0)
+    vocab = Vocab.build(["a red square", "a blue circle", "the square is red"], min_freq=1)
+    cfg = ModelConfig(vocab_size=len(vocab), attention="dot", rnn="gru", grid=3, embed_dim=8, attention_dim=8, decoder_dim=12)
+    return CaptionModel(cfg), vocab
+
+
+def test_round_trip_keeps_weights_config_and_vocabulary(tmp_path, model_and_vocab):
+    model, vocab = model_and_vocab
+    path = tmp_path / "m.safetensors"
+    checkpoint.save_model(path, model, vocab, encoder_weights="pypi:test", training={"epochs": 3, "val_bleu4": 0.25})
+    loaded = checkpoint.load_model(path)
+    assert loaded.model.cfg == model.cfg
+    assert loaded.vocab.words == vocab.words
+    assert loaded.training == {"epochs": 3, "val_bleu4": 0.25}
+    assert loaded.metadata["encoder_weights"] == "pypi:test"
+    assert not loaded.model.training  # ready for inference
+    original = model.state_dict()
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(tensor, original[name]), name
+    # the same outputs
+    x = torch.randn(1, 3, 96, 96)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.encoder(x), model.encoder(x))
+
+
+def test_fp16_export_is_half_the_size_and_loads_as_float32(tmp_path, model_and_vocab):
+    model, vocab = model_and_vocab
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    checkpoint.save_model(full, model, vocab, encoder_weights="x")
+    checkpoint.save_model(half, model, vocab, encoder_weights="x", dtype=torch.float16)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    loaded = checkpoint.load_model(half)
+    w = loaded.model.decoder.fc.weight
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, model.decoder.fc.weight, atol=1e-3, rtol=1e-3)
+
+
+def test_metadata_is_readable_without_loading_tensors(tmp_path, model_and_vocab):
+    model, vocab = model_and_vocab
+    path = tmp_path / "m.safetensors"
+    checkpoint.save_model(path, model, vocab, encoder_weights="x")
+    meta = checkpoint.read_metadata(path)
+    assert meta["format"] == "capcli-model"
+    assert json.loads(meta["config"])["attention"] == "dot"
+    assert json.loads(meta["vocab"])["words"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+
+
+def test_failed_write_leaves_the_previous_file_intact(tmp_path, model_and_vocab):
+    model, vocab = model_and_vocab
+    path = tmp_path / "m.safetensors"
+    checkpoint.save_model(path, model, vocab, encoder_weights="first")
+    before = path.read_bytes()
+
+    def disk_full(tmp):
+        tmp.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        checkpoint.atomic_write(path, disk_full)
+    assert path.read_bytes() == before
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    assert checkpoint.load_model(path).metadata["encoder_weights"] == "first"
+
+
+def test_written_files_get_normal_permissions(tmp_path, model_and_vocab):
+    import os
+
+    model, vocab = model_and_vocab
+    path = tmp_path / "m.safetensors"
+    checkpoint.save_model(path, model, vocab, encoder_weights="x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
