@@ -129,8 +129,10 @@ def read_caption_table(path: Path) -> list[_Row]:
     # CSV quoting is strict, so a stray or unclosed quote is an error at its line instead of a
     # field that silently swallows the rest of the file. TSV has no quoting (a caption may start
     # with a quote, as some in Flickr token files do); a field wrapped in quotes is unwrapped below.
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True,
+    # skipinitialspace: 'a.jpg, "a dog, running"' is quoted as it looks, not a field that starts with a space.
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, skipinitialspace=True,
                         quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    raw_lines = io.StringIO(text, newline="").readlines()  # split as the reader splits them
     rows: list[_Row] = []
     columns: tuple[int, int, int | None] | None = None
     while True:
@@ -165,8 +167,13 @@ def read_caption_table(path: Path) -> list[_Row]:
         if len(record) > width:
             if cap != width - 1:
                 raise CapcliError(f"{path}:{line}: expected {width} fields, found {len(record)} (quote fields that hold {'tabs' if tsv else 'commas'})")
-            # An unquoted delimiter inside the last column, the caption: it is the rest of the line.
-            record = record[:cap] + [delimiter.join(record[cap:])]
+            # An unquoted delimiter inside the last column, the caption: it is the rest of the line,
+            # taken from the line itself, as the reader dropped the spaces after each delimiter.
+            parts = raw_lines[line - 1].rstrip("\r\n").split(delimiter, cap) if line == reader.line_num else []
+            if len(parts) == cap + 1 and [p.strip() for p in parts[:cap]] == [f.strip() for f in record[:cap]]:
+                record = record[:cap] + [parts[cap]]
+            else:
+                record = record[:cap] + [delimiter.join(record[cap:])]
         split_value = record[split].strip().lower() if split is not None and split < len(record) else None
         rows.append(_Row(_image_key(record[img]), record[cap].strip(), split_value or None, line))
     if columns is None:
@@ -466,7 +473,7 @@ def load_image(path: str | Path, draft_size: int | None = None):
     except PermissionError:
         raise ImageError("permission denied") from None
     except UnidentifiedImageError:
-        raise ImageError("empty file" if _is_empty(path) else "not an image (unrecognised format)") from None
+        raise ImageError(_unidentified_reason(path)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("image too large (decompression bomb limit)") from None
     except OSError as e:
@@ -485,11 +492,22 @@ def load_image(path: str | Path, draft_size: int | None = None):
 _OPEN_LOCK = threading.Lock()
 
 
-def _is_empty(path: Path) -> bool:
+# Signatures of the common image formats: a file that starts like one but that Pillow cannot
+# identify is a damaged image (cut off within its header), not some other kind of file.
+_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+
+
+def _unidentified_reason(path: Path) -> str:
     try:
-        return path.stat().st_size == 0
+        with open(path, "rb") as f:
+            head = f.read(16)
     except OSError:
-        return False
+        head = b"?"
+    if not head:
+        return "empty file"
+    if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "truncated or corrupt image data"
+    return "not an image (unrecognised format)"
 
 
 def _to_rgb(img):
