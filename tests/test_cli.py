@@ -1,0 +1,130 @@
+"""caption / beam from the command line: formats, order, stdin, exit codes, attention pictures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from capcli.cli import app
+from conftest import COLOURS, SHAPES
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(app, list(args), input=input)
+
+
+@pytest.fixture(scope="module")
+def images(shapes_dir) -> list[Path]:
+    return sorted((shapes_dir / "Images").glob("*.png"))
+
+
+def test_the_trained_model_captions_its_training_images(trained_model, images):
+    result = run("caption", "-m", str(trained_model), "--format", "tsv", str(images[0].parent))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().split("\n")
+    assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]  # sorted, every image
+    right = 0
+    for line in lines:
+        path, caption = line.split("\t")
+        colour, shape = Path(path).stem.split("_")[:2]
+        right += colour in caption.split() and shape in caption.split()
+        assert set(caption.split()) <= set(" ".join(f"a the is small one in middle on white background {c} {s}"
+                                                     for c in COLOURS for s in SHAPES).split())
+    assert right >= 0.8 * len(lines)
+
+
+def test_text_output_keeps_input_order_with_bad_files_mixed_in(trained_model, images, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    order = [images[5], bad, images[0], tmp_path / "missing.png", images[20]]
+    result = run("caption", "-m", str(trained_model), *map(str, order))
+    assert result.exit_code == 1
+    lines = result.stdout.split("\n")[:-1]
+    assert len(lines) == 5 and lines[1] == "" and lines[3] == ""  # one line per input, failures empty
+    assert all(lines[i] for i in (0, 2, 4))
+    alone = run("caption", "-m", str(trained_model), str(images[5]), str(images[0]), str(images[20])).stdout.split("\n")
+    assert [lines[0], lines[2], lines[4]] == alone[:3]
+    assert f"capcli: {bad}: not an image" in result.stderr
+    assert f"capcli: {tmp_path / 'missing.png'}: no such file" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_stdin_paths_and_dash(trained_model, images):
+    listing = "\n".join(map(str, images[:4])) + "\n"
+    a = run("caption", "-m", str(trained_model), "-f", "tsv", "-", input=listing)
+    b = run("caption", "-m", str(trained_model), "-f", "tsv", input=listing)  # no PATHS: stdin
+    assert a.exit_code == b.exit_code == 0
+    assert a.stdout == b.stdout
+    assert [line.split("\t")[0] for line in a.stdout.strip().split("\n")] == list(map(str, images[:4]))
+
+
+def test_jsonl_schema_with_nbest_and_errors(trained_model, images, tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    result = run("beam", "-m", str(trained_model), "-k", "3", "--nbest", "3", "-f", "jsonl", str(images[0]), str(empty))
+    assert result.exit_code == 1
+    good, bad = [json.loads(line) for line in result.stdout.strip().split("\n")]
+    assert set(good) == {"path", "caption", "tokens", "score", "logprob", "alternatives"}
+    assert good["path"] == str(images[0]) and good["caption"] == " ".join(good["tokens"])
+    assert len(good["alternatives"]) == 2
+    scores = [good["score"]] + [a["score"] for a in good["alternatives"]]
+    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+    assert set(bad) == {"path", "error"} and bad["path"] == str(empty)
+
+
+def test_beam_one_equals_greedy_through_the_cli(trained_model, images):
+    paths = list(map(str, images[::5]))
+    greedy = run("caption", "-m", str(trained_model), "-f", "jsonl", *paths).stdout
+    beam1 = run("beam", "-m", str(trained_model), "-k", "1", "-f", "jsonl", *paths).stdout
+    assert [json.loads(x)["caption"] for x in greedy.split("\n") if x] == [json.loads(x)["caption"] for x in beam1.split("\n") if x]
+
+
+def test_attention_pictures_have_a_panel_per_word(trained_model, images, tmp_path):
+    out = tmp_path / "att"
+    result = run("beam", "-m", str(trained_model), "-f", "jsonl", "--attention-dir", str(out), str(images[0]), str(images[7]))
+    assert result.exit_code == 0, result.output
+    for line in result.stdout.strip().split("\n"):
+        r = json.loads(line)
+        png = out / (Path(r["path"]).stem + ".png")
+        with Image.open(png) as pic:
+            assert pic.text["capcli:words"] == r["caption"]
+            n = len(r["tokens"])
+            cols = min(5, n)
+            rows = -(-n // cols)
+            assert pic.size == (cols * 224, rows * (224 + 22))  # square 64 px sources -> 224 px panels
+
+
+def test_usage_errors_exit_2(trained_model, images):
+    assert run("beam", "-m", str(trained_model), "-k", "2", "--nbest", "3", str(images[0])).exit_code == 2
+    assert run("caption", "-m", str(trained_model), "--format", "xml", str(images[0])).exit_code == 2
+    missing = run("caption", "-m", "/nonexistent/model.safetensors", str(images[0]))
+    assert missing.exit_code == 2 and "capcli: /nonexistent/model.safetensors: no such file" in missing.stderr
+
+
+def test_empty_folder_is_an_error(trained_model, tmp_path):
+    result = run("caption", "-m", str(trained_model), str(tmp_path))
+    assert result.exit_code == 1 and "no images found" in result.stderr
+
+
+def test_closed_stdout_ends_quietly(trained_model, images):
+    """`capcli caption DIR | head -1`: no traceback, no complaint."""
+    cmd = f"{sys.executable} -m capcli caption -m {trained_model} --batch-size 2 {images[0].parent} | head -1"
+    proc = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.count("\n") == 1
+    assert proc.stderr == ""
+    assert proc.returncode in (0, 141)  # 141: killed by SIGPIPE is also quiet
+
+
+def test_help_is_useful():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("build-vocab", "train", "caption", "beam", "evaluate"):
+        assert command in result.stdout
+    beam = run("beam", "--help").stdout
+    assert "--beam-size" in beam and "--nbest" in beam and "--length-penalty" in beam
