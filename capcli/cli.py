@@ -206,7 +206,7 @@ def train(
     images: ImagesOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs to train (default 20).", min=1)] = None,
-    batch_size: Annotated[int, typer.Option(help="Captions per batch.", min=1)] = 64,
+    batch_size: Annotated[int, typer.Option(help="Captions per batch (under torchrun: the global batch, split across the processes).", min=1)] = 64,
     lr: Annotated[float, typer.Option(help="Decoder learning rate (AdamW).")] = 4e-4,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (0 = Adam).")] = 0.0,
     device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
@@ -265,6 +265,8 @@ def train(
         )
         summary = _run_training(lambda: training.train(cfg, reporter))
         run_dir = output
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return  # under torchrun only rank 0 prints the result
     best = run_dir / "best.safetensors"
     bleu = summary.get("val_bleu4")
     print(f"{best}" + (f"\tval BLEU-4 {bleu:.4f} (epoch {summary.get('best_epoch')})" if bleu is not None else ""))

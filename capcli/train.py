@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from capcli import checkpoint
+from capcli import checkpoint, distributed
+from capcli.distributed import SINGLE, DistContext
 from capcli.data import Sample, load_dataset, parse_split_ratios, prefetch_images, split_counts
 from capcli.errors import CapcliError
 from capcli.evaluate import score_captions
@@ -99,61 +100,154 @@ class TrainingInterrupted(Exception):
 
 # =========================================================================== feature cache
 
+def _intervals(mask: torch.Tensor) -> list[list[int]]:
+    """Bool (n,) -> [[lo, hi), ...] runs of True, for the JSON progress records."""
+    m = mask.to(torch.int8)
+    edge = torch.diff(m, prepend=m.new_zeros(1), append=m.new_zeros(1))
+    return [[int(a), int(b)] for a, b in zip((edge == 1).nonzero().flatten(), (edge == -1).nonzero().flatten())]
+
+
+def _runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Sorted row numbers -> (start row, position in rows, count) of each run of consecutive rows."""
+    out: list[tuple[int, int, int]] = []
+    for k, r in enumerate(rows):
+        if out and out[-1][0] + out[-1][2] == r:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((r, k, 1))
+    return out
+
+
 class FeatureCache:
     """Encoder features of a list of images, fp16, memory-mapped from one file.
 
     The file lives in the run folder and is reused by --resume; a key made of the encoder, its
     weights and the image list guards against reusing features that no longer match. Progress
     is recorded as it goes, so an interrupted caching run continues where it stopped.
+
+    Progress: ``features-KEY.json`` holds {"done": rows 0..done-1 are cached, "bad": {row: why},
+    "ranges": further cached [lo, hi) runs (only after a distributed run was interrupted)}.
+    Under torchrun each process encodes its own share of the rows and records its progress in
+    ``features-KEY.part-rR.json``; one process per folder merges them into the main record.
     """
 
-    def __init__(self, directory: Path, key: str, shape: tuple[int, int, int]):
-        self.data_path = directory / f"features-{key}.f16"
-        self.index_path = directory / f"features-{key}.json"
+    def __init__(self, directory: Path, key: str, shape: tuple[int, int, int], create: bool = True):
+        self.directory, self.key = Path(directory), key
+        self.data_path = self.directory / f"features-{key}.f16"
+        self.index_path = self.directory / f"features-{key}.json"
         self.shape = shape
         n, L, D = shape
-        if not self.data_path.exists() or self.data_path.stat().st_size != n * L * D * 2:
+        self.row_bytes = L * D * 2
+        if create and (not self.data_path.exists() or self.data_path.stat().st_size != n * self.row_bytes):
             with open(self.data_path, "wb") as f:
-                f.truncate(n * L * D * 2)
+                f.truncate(n * self.row_bytes)
+            for part in self._part_paths():
+                part.unlink(missing_ok=True)
             checkpoint.atomic_write_bytes(self.index_path, json.dumps({"done": 0, "bad": {}}).encode())
+        self.remap()
+        self.reload_progress()
+
+    def remap(self) -> None:
+        """(Re)open the memory map: after other processes wrote rows, perhaps on other machines."""
+        n, L, D = self.shape
         self.features = torch.from_file(str(self.data_path), shared=True, size=n * L * D, dtype=torch.float16).view(n, L, D)
-        state = json.loads(self.index_path.read_text()) if self.index_path.exists() else {"done": 0, "bad": {}}
-        self.done: int = state["done"]
-        self.bad: dict[int, str] = {int(k): v for k, v in state["bad"].items()}
 
-    def _save_progress(self) -> None:
-        checkpoint.atomic_write_bytes(self.index_path, json.dumps({"done": self.done, "bad": self.bad}).encode())
+    def _part_paths(self) -> list[Path]:
+        return sorted(self.directory.glob(f"features-{self.key}.part-r*.json"))
 
-    def fill(self, encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
-             reporter: Reporter, workers: int, batch_size: int) -> None:
-        """Encode paths[done:] and write their rows; unreadable images are recorded in ``bad``."""
-        if self.done >= len(paths):
+    def part_path(self, rank: int) -> Path:
+        return self.directory / f"features-{self.key}.part-r{rank}.json"
+
+    def reload_progress(self) -> None:
+        """``have`` (rows cached or known bad) and ``bad`` from the main record and any part records."""
+        n = self.shape[0]
+        self.have = torch.zeros(n, dtype=torch.bool)
+        self.bad: dict[int, str] = {}
+        records = [self.index_path] if self.index_path.exists() else []
+        for path in records + self._part_paths():
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue  # a part being replaced, or damaged: those rows are simply encoded again
+            self.have[: min(int(state.get("done", 0)), n)] = True
+            for lo, hi in state.get("ranges", []):
+                self.have[lo:min(hi, n)] = True
+            self.bad.update({int(k): v for k, v in state.get("bad", {}).items()})
+
+    @property
+    def done(self) -> int:
+        """Rows 0..done-1 are all cached (or known bad)."""
+        missing = (~self.have).nonzero()
+        return int(missing[0, 0]) if len(missing) else self.shape[0]
+
+    def _record(self, have: torch.Tensor, bad: dict[int, str], main: bool) -> bytes:
+        if main:
+            done = int((~have).nonzero()[0, 0]) if not bool(have.all()) else len(have)
+            state = {"done": done, "bad": bad}
+            rest = have.clone()
+            rest[:done] = False
+            if bool(rest.any()):
+                state["ranges"] = _intervals(rest)
+        else:
+            state = {"ranges": _intervals(have), "bad": bad}
+        return json.dumps(state).encode()
+
+    def consolidate(self) -> None:
+        """Fold the part records into the main one (one process per folder does this)."""
+        checkpoint.atomic_write_bytes(self.index_path, self._record(self.have, self.bad, main=True))
+        for part in self._part_paths():
+            part.unlink(missing_ok=True)
+
+    def write_rows(self, fd: int, rows: Sequence[int], f: torch.Tensor) -> None:
+        """Write features f (len(rows), L, D) of sorted ``rows`` with pwrite (safe for neighbouring rows
+        written by other processes, also over NFS, unlike writes through a shared mapping)."""
+        data = f.to("cpu", torch.float16).contiguous().view(torch.uint8).numpy()  # (k, L, D*2) bytes
+        for start, pos, count in _runs(rows):
+            os.pwrite(fd, data[pos:pos + count].tobytes(), start * self.row_bytes)
+
+    def encode(self, encoder: torch.nn.Module, rows: Sequence[int], paths: Sequence[Path], cfg: ModelConfig,
+               device: torch.device, reporter: Reporter, workers: int, batch_size: int,
+               part: int | None = None, description: str = "caching features") -> None:
+        """Encode images ``paths[r]`` for the sorted ``rows``; unreadable images are recorded in ``bad``.
+
+        Progress goes to the main record, or to part record ``part`` (a rank) when given.
+        """
+        if not rows:
             return
         t0 = time.time()
-        start = self.done
-        reporter.start("caching features", len(paths) - start, unit="images")
+        mine = torch.zeros(self.shape[0], dtype=torch.bool)  # what this call did, for a part record
+        my_bad: dict[int, str] = {}
+        reporter.start(description, len(rows), unit="images")
         batch_idx: list[int] = []
         batch: list[torch.Tensor] = []
         last_save = time.time()
+        fd = os.open(self.data_path, os.O_RDWR)
+
+        def save_progress():
+            if part is None:
+                checkpoint.atomic_write_bytes(self.index_path, self._record(self.have, self.bad, main=True))
+            else:
+                checkpoint.atomic_write_bytes(self.part_path(part), self._record(mine, my_bad, main=False))
 
         def flush():
             if batch:
                 x = torch.stack(batch).to(device)  # (b, 3, S, S)
                 with torch.no_grad(), _autocast(device):
                     f = encoder(x)  # (b, L, D)
-                self.features[batch_idx[0]:batch_idx[-1] + 1] = f.to("cpu", torch.float16)
-            self.done = (batch_idx[-1] + 1) if batch_idx else self.done
+                self.write_rows(fd, batch_idx, f)
+                self.have[batch_idx] = True
+                mine[batch_idx] = True
             reporter.update(len(batch_idx))
             batch_idx.clear()
             batch.clear()
 
         try:
-            for i, (path, item) in enumerate(prefetch_images(paths[start:], cfg.image_size, cfg.mean, cfg.std, workers), start):
+            for i, (path, item) in zip(rows, prefetch_images([paths[r] for r in rows], cfg.image_size, cfg.mean, cfg.std, workers)):
                 if isinstance(item, Exception):
-                    self.bad[i] = f"{path}: {item}"
                     if batch:
                         flush()
-                    self.done = i + 1
+                    self.bad[i] = my_bad[i] = f"{path}: {item}"
+                    self.have[i] = mine[i] = True
                     reporter.update(1)
                     continue
                 batch_idx.append(i)
@@ -161,14 +255,125 @@ class FeatureCache:
                 if len(batch) >= batch_size:
                     flush()
                     if time.time() - last_save > 30:
-                        self._save_progress()
+                        os.fsync(fd)
+                        save_progress()
                         last_save = time.time()
             flush()
         finally:
-            self._save_progress()  # keep what was done, also on Ctrl-C
+            os.fsync(fd)  # the rows reach the file before the record says they are there
+            os.close(fd)
+            save_progress()  # keep what was done, also on Ctrl-C
             reporter.stop()
-        n = self.done - start
+        n = len(rows)
         log.info("cached features of %d images in %.1f s (%.1f ms/image)", n, time.time() - t0, 1000 * (time.time() - t0) / max(n, 1))
+
+    def fill(self, encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
+             reporter: Reporter, workers: int, batch_size: int) -> None:
+        """Encode every image not cached yet, in this process (the single-process cache build)."""
+        if self._part_paths():
+            self.consolidate()
+        rows = (~self.have).nonzero().flatten().tolist()
+        self.encode(encoder, rows, paths, cfg, device, reporter, workers, batch_size)
+
+
+def build_feature_cache(ctx: DistContext, directory: Path, key: str, shape: tuple[int, int, int],
+                        encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
+                        reporter: Reporter, workers: int, batch_size: int) -> FeatureCache:
+    """The complete feature cache of ``paths`` in ``directory``, on every rank; each image encoded once.
+
+    Alone: encode what is missing. Under torchrun: the processes that see the same ``directory``
+    share one file (one machine, or a shared filesystem); the rows still missing in any folder are
+    cut into whole encoder batches, each rank encodes a contiguous share into its folder's file,
+    and when the ranks have more than one folder (machines with local disks) the first rank of each
+    folder sends its folder's new rows to the other folders' first ranks (a broadcast per chunk).
+    """
+    if not ctx.enabled:
+        cache = FeatureCache(directory, key, shape)
+        cache.fill(encoder, paths, cfg, device, reporter, workers, batch_size)
+        return cache
+    leaders = distributed.storage_leaders(ctx, directory)
+    leader = leaders[ctx.rank] == ctx.rank
+    cache = None
+    if leader:
+        cache = FeatureCache(directory, key, shape)  # creates the file, merges parts left by a stopped run
+        cache.consolidate()
+    distributed.barrier(ctx)
+    if not leader:
+        cache = FeatureCache(directory, key, shape, create=False)
+    assert cache is not None
+    # A row is missing when one folder lacks it; folders that have it get it again (rare: a run
+    # stopped while caching on machines with local disks).
+    n = shape[0]
+    have_everywhere = torch.ones(n, dtype=torch.bool)
+    known_bad: dict[int, str] = {}
+    for ranges, bad in distributed.all_gather_object(ctx, (_intervals(cache.have), cache.bad)):
+        mask = torch.zeros(n, dtype=torch.bool)
+        for lo, hi in ranges:
+            mask[lo:hi] = True
+        have_everywhere &= mask
+        known_bad.update(bad)
+    todo = (~have_everywhere).nonzero().flatten().tolist()
+    known_bad = {i: why for i, why in known_bad.items() if have_everywhere[i]}
+    if todo:
+        blocks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]  # whole encoder batches
+        assigned = []
+        for r in range(ctx.world_size):
+            lo, hi = distributed.shard_range(len(blocks), r, ctx.world_size)
+            assigned.append([i for b in blocks[lo:hi] for i in b])
+        log.info("caching features of %d images on %d processes (%d each at most)", len(todo), ctx.world_size,
+                 max(len(a) for a in assigned))
+        cache.encode(encoder, assigned[ctx.rank], paths, cfg, device, reporter, workers, batch_size, part=ctx.rank,
+                     description=f"caching features (share {ctx.rank + 1}/{ctx.world_size})")
+        distributed.barrier(ctx)
+        if len(set(leaders)) > 1:
+            _exchange_rows(ctx, cache, leaders, assigned, device)
+        merged = dict(known_bad)
+        for bad in distributed.all_gather_object(ctx, {i: cache.bad[i] for i in assigned[ctx.rank] if i in cache.bad}):
+            merged.update(bad)
+        if leader:
+            cache.have[:] = True
+            cache.bad = merged
+            cache.consolidate()
+        distributed.barrier(ctx)
+    else:
+        if leader and known_bad != cache.bad:
+            cache.bad = known_bad
+            cache.consolidate()
+        distributed.barrier(ctx)
+    cache.remap()
+    cache.reload_progress()
+    return cache
+
+
+def _exchange_rows(ctx: DistContext, cache: FeatureCache, leaders: list[int], assigned: list[list[int]],
+                   device: torch.device) -> None:
+    """Copy every folder's newly encoded rows into the other folders, leader to leaders, in chunks."""
+    import torch.distributed as dist
+
+    heads = sorted(set(leaders))
+    group = dist.new_group(heads)  # every rank must take part in making it
+    if ctx.rank in heads:
+        cache.remap()  # see the rows the other ranks of this folder wrote
+        comm = device if device.type == "cuda" else torch.device("cpu")
+        per_chunk = max(1, (64 << 20) // cache.row_bytes)
+        _, L, D = cache.shape
+        fd = os.open(cache.data_path, os.O_RDWR)
+        try:
+            for src in heads:
+                rows = sorted(i for r in range(ctx.world_size) if leaders[r] == src for i in assigned[r])
+                for k in range(0, len(rows), per_chunk):
+                    chunk = rows[k:k + per_chunk]
+                    if ctx.rank == src:
+                        buf = cache.features[torch.tensor(chunk)].contiguous().view(torch.uint8).to(comm)
+                    else:
+                        buf = torch.empty(len(chunk), L, D * 2, dtype=torch.uint8, device=comm)
+                    dist.broadcast(buf, src=src, group=group)
+                    if ctx.rank != src:
+                        cache.write_rows(fd, chunk, buf.view(torch.float16))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    distributed.barrier(ctx)
 
 
 def _cache_key(cfg: ModelConfig, weights_source: str, paths: Sequence[Path]) -> str:
@@ -224,24 +429,45 @@ def caption_loss(decoder, features: torch.Tensor, padded: torch.Tensor, lengths:
     cells make it dwarf the word loss at lambda = 1).
     """
     logits, alphas = decoder(features, padded, lengths)  # (N, T, V), (N, T, L)
+    loss, nll, words = loss_terms(logits, alphas, padded, lengths, label_smoothing, attention_reg)
+    return loss, float(nll), words
+
+
+def loss_terms(logits: torch.Tensor, alphas: torch.Tensor, padded: torch.Tensor, lengths: list[int],
+               label_smoothing: float = 0.0, attention_reg: float = 0.0, total_words: int | None = None,
+               total_captions: int | None = None, scale: float = 1.0):
+    """caption_loss from the decoder's outputs: (loss, summed word NLL as a detached tensor, words).
+
+    The means are sums divided by ``total_words`` / ``total_captions`` (default: this batch's own).
+    Under DistributedDataParallel each rank holds part of a global batch and DDP averages the
+    gradients over the ranks: dividing by the global counts and scaling by the number of ranks
+    makes that average the gradient of the global batch's mean loss, as one process would get.
+    """
     targets = padded[:, 1:]  # (N, T)
     steps = torch.arange(targets.size(1), device=targets.device)  # (T,)
     mask = steps.unsqueeze(0) < (torch.tensor(lengths, device=targets.device) - 1).unsqueeze(1)  # (N, T)
     logp = torch.log_softmax(logits[mask].float(), dim=-1)  # (W, V) for the W real words
     nll = -logp.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # (W,)
     words = nll.numel()
-    loss = nll.mean()
+    n_words = total_words or words
+    loss = nll.sum() / n_words
     if label_smoothing:
-        loss = (1 - label_smoothing) * loss - label_smoothing * logp.mean()
+        loss = (1 - label_smoothing) * loss - label_smoothing * logp.sum() / (n_words * logp.size(1))
     if attention_reg:
         coverage = alphas.float().sum(dim=1)  # (N, L) attention each cell got over the caption
-        loss = loss + attention_reg * ((1.0 - coverage) ** 2).mean()
-    return loss, float(nll.detach().sum()), words
+        n_cells = (total_captions or coverage.size(0)) * coverage.size(1)
+        loss = loss + attention_reg * ((1.0 - coverage) ** 2).sum() / n_cells
+    return loss * scale, nll.detach().sum(), words
+
+
+def amp_enabled() -> bool:
+    """Mixed precision on CUDA, unless CAPCLI_AMP=0 (for comparisons and benchmarks)."""
+    return os.environ.get("CAPCLI_AMP", "1").strip().lower() not in ("0", "off", "false", "no")
 
 
 def _autocast(device: torch.device):
-    """bf16 autocast on GPUs that have it, fp16 on older ones; nothing on the CPU."""
-    if device.type != "cuda":
+    """bf16 autocast on GPUs that have it, fp16 on older ones; nothing on the CPU or with CAPCLI_AMP=0."""
+    if device.type != "cuda" or not amp_enabled():
         import contextlib
 
         return contextlib.nullcontext()
@@ -249,39 +475,80 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+class _TrainNet(torch.nn.Module):
+    """What DistributedDataParallel wraps: one forward from the batch's inputs to the decoder's outputs.
+
+    Inputs are cached features (N, L, D), or with a fine-tuned encoder the batch's images
+    (n_img, 3, S, S) and ``rows``, the image of each caption: the encoder then runs inside the
+    forward, so DDP also averages the gradients of its unfrozen blocks.
+    """
+
+    def __init__(self, model: CaptionModel):
+        super().__init__()
+        self.encoder, self.decoder = model.encoder, model.decoder
+
+    def forward(self, x: torch.Tensor, padded: torch.Tensor, lengths: list[int], rows: torch.Tensor | None = None):
+        if rows is not None:
+            x = self.encoder(x)[rows]  # (N, L, D): once per image, shared by its captions
+        return self.decoder(x, padded, lengths)  # (N, T, V), (N, T, L)
+
+
+def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Dropout seed of one step of one rank under DDP: reproducible, and so resumable, without saving RNG states."""
+    return (seed * 100_003 + epoch) * 1_000_003 + step * 1009 + rank
+
+
 # =========================================================================== the run
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = False):
-        self.cfg, self.reporter = cfg, reporter or Reporter()
+    """One training run; under torchrun one Trainer per process, ``ctx`` saying which.
+
+    Distributed (see capcli.distributed): every rank builds the same global batches and takes its
+    slice of each; DDP averages the gradients, so the ranks' weights stay identical. Rank 0 reads
+    the run folder (vocabulary, checkpoints) and hands what it read to the others, and alone
+    writes config.json, metrics.jsonl and checkpoints and draws the progress bar; validation is
+    shared out and rank 0's verdict (score, early stop, learning-rate decay) is broadcast.
+    """
+
+    def __init__(self, cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = False,
+                 ctx: DistContext = SINGLE):
+        self.cfg, self.ctx = cfg, ctx
+        self.reporter = (reporter or Reporter()) if ctx.is_main else Reporter()
         self.run_dir = Path(cfg.out)
         self.resume = resume
-        self.device = resolve_device(cfg.device)
+        self.device = distributed.training_device(ctx, cfg.device)
+        self.sync_checks = 0  # steps checked by CAPCLI_DEBUG_SYNC_CHECK
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
-        cfg = self.cfg
+        cfg, ctx = self.cfg, self.ctx
         torch.manual_seed(cfg.seed)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_bytes(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # every rank: the feature cache lives here
+        if ctx.is_main:
+            checkpoint.atomic_write_bytes(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
 
         samples = load_dataset(cfg.data, captions_file=cfg.captions, images_dir=cfg.images, split_ratios=parse_split_ratios(cfg.split))
         counts = split_counts(samples)
         log.info("data: %d images (train %d, val %d, test %d)", len(samples), counts["train"], counts["val"], counts["test"])
         if counts["train"] == 0:
             raise CapcliError(f"{cfg.data or cfg.captions}: the train split is empty")
-        self.vocab = self._vocabulary(samples)
+        self.vocab = distributed.on_main(ctx, lambda: self._vocabulary(samples))
 
         mcfg = cfg.model_config(len(self.vocab))
         self.model = CaptionModel.from_config(mcfg)
-        if self.resume:
-            loaded = checkpoint.load_model(self.run_dir / "last.safetensors")
-            self.model.load_state_dict(loaded.model.state_dict())
-            self.weights_source = loaded.metadata["encoder_weights"]
-        else:
-            self.weights_source = self.model.encoder.load_pretrained(cfg.encoder_weights)
+
+        def load_weights() -> str:
+            if self.resume:
+                loaded = checkpoint.load_model(self.run_dir / "last.safetensors")
+                self.model.load_state_dict(loaded.model.state_dict())
+                return loaded.metadata["encoder_weights"]
+            return self.model.encoder.load_pretrained(cfg.encoder_weights)
+
+        # Rank 0 loads, the others receive: other machines need neither the run folder nor the weights file.
+        self.weights_source = distributed.on_main(ctx, load_weights)
         self.model.encoder.set_fine_tune(cfg.fine_tune_encoder)
         self.model.to(self.device)
+        distributed.broadcast_module(ctx, self.model)
 
         self.train_samples = [s for s in samples if s.split == "train"]
         self.val_samples = [s for s in samples if s.split == "val"]
@@ -299,7 +566,8 @@ class Trainer:
             groups.append({"params": encoder_params, "lr": cfg.encoder_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=0.5, patience=cfg.lr_patience)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and not torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and amp_enabled()
+                                           and not torch.cuda.is_bf16_supported())
 
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0
@@ -307,6 +575,29 @@ class Trainer:
         self.epoch_sums = {"nll": 0.0, "words": 0, "captions": 0, "seconds": 0.0}
         if self.resume:
             self._restore_state()
+
+        self.net: torch.nn.Module = _TrainNet(self.model)
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            import inspect
+
+            # BatchNorm is frozen (eval mode): no buffers to sync at every forward.
+            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                       else {"broadcast_buffers": False})
+            self.net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                               **no_sync)
+            per_rank = cfg.batch_size / ctx.world_size
+            log.info(
+                "distributed: %d processes on %d machine(s), %s on %s; global batch %d captions "
+                "(--batch-size is the global batch: %s per process); learning rate %g as given, not scaled "
+                "with the number of processes: a run matches one process with the same --batch-size",
+                ctx.world_size, max(1, ctx.world_size // max(ctx.local_world_size, 1)),
+                distributed.backend_name(ctx, self.device), self.device.type, cfg.batch_size,
+                f"{per_rank:g}" if per_rank == int(per_rank) else f"{math.floor(per_rank)}-{math.ceil(per_rank)}", cfg.lr)
+            if cfg.batch_size < ctx.world_size:
+                log.warning("--batch-size %d is smaller than the %d processes: some have nothing to do at each step",
+                            cfg.batch_size, ctx.world_size)
 
     def _vocabulary(self, samples: list[Sample]) -> Vocab:
         cfg, path = self.cfg, self.run_dir / "vocab.json"
@@ -326,9 +617,9 @@ class Trainer:
         with torch.no_grad():
             probe = self.model.encoder(torch.zeros(1, 3, mcfg.image_size, mcfg.image_size, device=self.device))  # (1, L, D)
         shape = (len(paths), probe.size(1), probe.size(2))
-        self.cache = FeatureCache(self.run_dir, _cache_key(mcfg, self.weights_source, paths), shape)
         batch = 64 if self.device.type == "cuda" else 4  # on the CPU, big batches slow Lite0 down
-        self.cache.fill(self.model.encoder, paths, mcfg, self.device, self.reporter, self.cfg.workers, batch)
+        self.cache = build_feature_cache(self.ctx, self.run_dir, _cache_key(mcfg, self.weights_source, paths), shape,
+                                         self.model.encoder, paths, mcfg, self.device, self.reporter, self.cfg.workers, batch)
         bad = self.cache.bad
         if bad:
             fraction = len(bad) / len(paths)
@@ -369,37 +660,45 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
-    def _restore_state(self) -> None:
+    def _read_state(self) -> dict:
         meta = checkpoint.read_metadata(self.run_dir / "last.safetensors")
         cid = json.loads(meta.get("training") or "{}").get("checkpoint_id")
-        state = checkpoint.load_train_state(self.run_dir / f"last.state-{cid}.pt")
+        return checkpoint.load_train_state(self.run_dir / f"last.state-{cid}.pt")
+
+    def _restore_state(self) -> None:
+        state = distributed.on_main(self.ctx, self._read_state)  # rank 0 reads, every rank restores
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
         self.epoch_sums = state["epoch_sums"]
-        torch.set_rng_state(state["rng"])
-        if state["cuda_rng"] and torch.cuda.is_available():
+        torch.set_rng_state(state["rng"])  # under DDP dropout is seeded per step instead
+        if state["cuda_rng"] and torch.cuda.is_available() and not self.ctx.enabled:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         where = f"epoch {self.epoch + 1}, step {self.step_in_epoch}" if self.step_in_epoch else f"after epoch {self.epoch}"
         log.info("resuming %s (%s)", self.run_dir, where)
 
     def _summary(self, **extra) -> dict:
-        return {
+        summary = {
             "data": self.cfg.data or self.cfg.captions, "split": self.cfg.split,
             "epochs": self.epoch, "best_epoch": self.best_epoch,
             "val_bleu4": None if self.best_score == float("-inf") else self.best_score,
             "train_images": len(self.train_samples), "train_captions": len(self.train_set),
             "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, **extra,
         }
+        if self.ctx.enabled:
+            summary["processes"] = self.ctx.world_size
+        return summary
 
     def save(self, best: bool = False) -> None:
-        """last.safetensors + its training state (+ best.safetensors); each write atomic.
+        """last.safetensors + its training state (+ best.safetensors); each write atomic. Rank 0 only.
 
         The state file is named after a checkpoint id stored in the model's metadata, and is
         written first: a crash between the two writes leaves the previous pair intact.
         """
+        if not self.ctx.is_main:
+            return
         cid = f"{self.epoch}-{self.step_in_epoch}-{int(time.time() * 1000)}"
         checkpoint.save_train_state(self.run_dir / f"last.state-{cid}.pt", self._state())
         checkpoint.save_model(self.run_dir / "last.safetensors", self.model, self.vocab,
@@ -412,14 +711,8 @@ class Trainer:
                                   encoder_weights=self.weights_source, training=self._summary())
 
     # ---------------------------------------------------------------- batches
-    def _batch_features(self, images: list[int], train: bool) -> torch.Tensor:
-        """Encoder features (N, L, D) for cache rows / image indices ``images``."""
-        if not self.cfg.fine_tune_encoder:
-            index = torch.tensor(images)
-            f = self.cache.features[index]  # (N, L, D) fp16
-            if self.device.type == "cuda":
-                f = f.pin_memory()
-            return f.to(self.device, non_blocking=True).float()
+    def _batch_images(self, images: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fine-tuning: the batch's distinct images (n_img, 3, S, S) and each caption's row among them (N,)."""
         samples = self.train_samples + self.val_samples
         unique = sorted(set(images))
         tensors = []
@@ -428,13 +721,27 @@ class Trainer:
             if isinstance(item, Exception):
                 raise CapcliError(f"{path}: {item}", exit_code=1)
             tensors.append(item)
-        x = torch.stack(tensors).to(self.device)  # (n_img, 3, S, S)
-        with torch.set_grad_enabled(train):
-            f = self.model.encoder(x)  # (n_img, L, D): once per image, shared by its captions
+        x = torch.stack(tensors)  # (n_img, 3, S, S)
+        if self.device.type == "cuda":
+            x = x.pin_memory()
         where = {img: k for k, img in enumerate(unique)}
-        return f[torch.tensor([where[i] for i in images], device=self.device)]  # (N, L, D)
+        rows = torch.tensor([where[i] for i in images])
+        return x.to(self.device, non_blocking=True), rows.to(self.device, non_blocking=True)
+
+    def _batch_features(self, images: list[int], train: bool) -> torch.Tensor:
+        """Encoder features (N, L, D) for cache rows / image indices ``images``."""
+        if not self.cfg.fine_tune_encoder:
+            index = torch.tensor(images)
+            f = self.cache.features[index]  # (N, L, D) fp16
+            if self.device.type == "cuda":
+                f = f.pin_memory()
+            return f.to(self.device, non_blocking=True).float()
+        x, rows = self._batch_images(images)
+        with torch.set_grad_enabled(train):
+            return self.model.encoder(x)[rows]  # (N, L, D): the encoder once per image, shared by its captions
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches: the same on every rank (seeded by --seed and the epoch)."""
         g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
         if not self.cfg.fine_tune_encoder:
             return length_bucketed_batches([len(t) for t in self.train_set.tokens], self.cfg.batch_size, g)
@@ -450,29 +757,35 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
-        cfg = self.cfg
+        cfg, ctx = self.cfg, self.ctx
         if self.epoch >= cfg.epochs:
             log.info("already trained %d epochs (raise --epochs to go on)", self.epoch)
             return self._summary()
         if self.bad_epochs >= cfg.patience:
             log.info("this run stopped early after epoch %d", self.epoch)
             return self._summary()
+        sampler = distributed.DistributedBatchSampler(self._epoch_batches, ctx.rank, ctx.world_size)
         last_save = time.time()
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
-            batches = self._epoch_batches(epoch)
+            batches = sampler.global_batches(epoch)  # each step takes this rank's slice (_train_step)
             if self.step_in_epoch == 0:
                 torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: reproducible per epoch
                 self.epoch_sums = {"nll": 0.0, "words": 0, "captions": 0, "seconds": 0.0}
-            self.model.train()
+            self.net.train()
             self.reporter.start(f"epoch {epoch}/{cfg.epochs}", len(batches), unit="batches")
             if self.step_in_epoch:
                 self.reporter.update(self.step_in_epoch)
             try:
                 t_start, seconds_before = time.time(), self.epoch_sums["seconds"]
                 for batch in batches[self.step_in_epoch:]:
+                    if ctx.enabled:
+                        torch.manual_seed(_step_seed(cfg.seed, epoch, self.step_in_epoch, ctx.rank))
                     self._train_step(batch)
                     self.step_in_epoch += 1
+                    if distributed.sync_check_enabled():
+                        distributed.check_in_sync(ctx, self.model, f"epoch {epoch} step {self.step_in_epoch}")
+                        self.sync_checks += 1
                     self.epoch_sums["seconds"] = seconds_before + time.time() - t_start
                     s = self.epoch_sums
                     self.reporter.update(1, loss=s["nll"] / max(s["words"], 1),
@@ -484,7 +797,7 @@ class Trainer:
             except KeyboardInterrupt:
                 self.reporter.stop()
                 with _ignore_sigint():
-                    self.save()
+                    self.save()  # rank 0 alone, no collective: the others may already be gone
                 raise TrainingInterrupted(
                     f"interrupted in epoch {epoch} at step {self.step_in_epoch}; saved "
                     f"{self.run_dir / 'last.safetensors'}; continue with: capcli train --resume {self.run_dir}") from None
@@ -494,16 +807,30 @@ class Trainer:
             last_save = time.time()
             if stop:
                 break
+        if self.sync_checks:
+            log.info("sync check: the parameters of all %d processes were identical after each of %d steps",
+                     ctx.world_size, self.sync_checks)
         return self._summary()
 
     def _train_step(self, batch: list[int]) -> None:
-        cfg = self.cfg
-        padded, lengths, order = collate([self.train_set.tokens[i] for i in batch], self.device)
-        images = [self.train_set.image[batch[i]] for i in order]
+        """One optimizer step on global batch ``batch``; under DDP this rank computes its slice of it."""
+        cfg, ctx = self.cfg, self.ctx
+        weight = 1.0
+        mine = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
+        if not mine:  # fewer captions than ranks: join the gradient all-reduce with a zero-weight caption
+            mine, weight = batch[:1], 0.0
+        total_words = sum(len(self.train_set.tokens[i]) - 1 for i in batch)
+        padded, lengths, order = collate([self.train_set.tokens[i] for i in mine], self.device)
+        images = [self.train_set.image[mine[i]] for i in order]
+        attention_reg = cfg.attention_reg if self.model.cfg.attention != "none" else 0.0
         with _autocast(self.device):
-            features = self._batch_features(images, train=True)  # (N, L, D)
-            loss, nll, words = caption_loss(self.model.decoder, features, padded, lengths, cfg.label_smoothing,
-                                            cfg.attention_reg if self.model.cfg.attention != "none" else 0.0)
+            if cfg.fine_tune_encoder:
+                x, rows = self._batch_images(images)
+            else:
+                x, rows = self._batch_features(images, train=True), None  # (N, L, D)
+            logits, alphas = self.net(x, padded, lengths, rows)
+            loss, nll, _ = loss_terms(logits, alphas, padded, lengths, cfg.label_smoothing, attention_reg,
+                                      total_words=total_words, total_captions=len(batch), scale=ctx.world_size * weight)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if cfg.grad_clip:
@@ -511,19 +838,26 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.epoch_sums["nll"] += nll
-        self.epoch_sums["words"] += words
+        nll = distributed.all_reduce_sum(ctx, (nll * weight).reshape(1))
+        self.epoch_sums["nll"] += float(nll)
+        self.epoch_sums["words"] += total_words
         self.epoch_sums["captions"] += len(batch)
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Validation loss (teacher forced) and BLEU-4 of real greedy captions, no teacher forcing."""
+        """Validation loss (teacher forced) and BLEU-4 of real greedy captions, no teacher forcing.
+
+        Under DDP the ranks share the batches out (whole batches, so each is computed as a single
+        process would) and rank 0 scores the gathered captions; the other ranks return {}.
+        """
+        ctx = self.ctx
         self.model.eval()
         if not len(self.val_set):
             return {}
         nll_sum = words = 0
         g = torch.Generator().manual_seed(0)
-        for batch in length_bucketed_batches([len(t) for t in self.val_set.tokens], 256, g):
+        batches = length_bucketed_batches([len(t) for t in self.val_set.tokens], 256, g)
+        for batch in batches[ctx.rank::ctx.world_size]:
             padded, lengths, order = collate([self.val_set.tokens[i] for i in batch], self.device)
             with _autocast(self.device):
                 features = self._batch_features([self.val_set.image[batch[i]] for i in order], train=False)
@@ -532,11 +866,17 @@ class Trainer:
         images = sorted(set(self.val_set.image))
         samples = self.train_samples + self.val_samples
         candidates = {}
-        for k in range(0, len(images), 128):
-            chunk = images[k:k + 128]
+        chunks = [images[k:k + 128] for k in range(0, len(images), 128)]
+        for chunk in chunks[ctx.rank::ctx.world_size]:
             with _autocast(self.device):
                 hyps = greedy(self.model.decoder, self._batch_features(chunk, train=False), max_len=self.vocab.max_len)
             candidates.update({str(i): self.vocab.decode(h.tokens) for i, h in zip(chunk, hyps)})
+        if ctx.enabled:
+            parts = distributed.all_gather_object(ctx, (nll_sum, words, candidates))
+            if not ctx.is_main:
+                return {}
+            nll_sum, words = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            candidates = {k: v for p in parts for k, v in p[2].items()}
         references = {str(i): list(samples[i].captions) for i in images}
         scores, _ = score_captions(references, candidates, metrics=("BLEU",), tokenizer="simple")
         return {"val_loss": nll_sum / max(words, 1), "val_ppl": math.exp(min(nll_sum / max(words, 1), 50)),
@@ -548,6 +888,8 @@ class Trainer:
         val = self.validate()
         train_loss = s["nll"] / max(s["words"], 1)
         score = val.get("val_bleu4", -train_loss)
+        # Rank 0's numbers decide for all: the same best model, learning-rate decay and early stop everywhere.
+        val, score = distributed.broadcast_object(self.ctx, (val, score))
         improved = score > self.best_score
         if improved:
             self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
@@ -561,8 +903,9 @@ class Trainer:
             "val_seconds": time.time() - t0, "captions_per_s": s["captions"] / max(s["seconds"], 1e-9),
             "best": improved,
         }
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.ctx.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
         log.info(
             "epoch %d: train loss %.3f, val loss %s, val BLEU-4 %s%s, %.0f captions/s",
             epoch, train_loss, f"{val['val_loss']:.3f}" if val else "-", f"{val['val_bleu4']:.4f}" if val else "-",
@@ -589,27 +932,54 @@ class _ignore_sigint:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def _distributed(fn, run_dir: Path | None = None):
+    """Run ``fn(ctx)`` in the process group torchrun describes (or alone); a collective that fails
+    because another process died or hung becomes a one-line error instead of a traceback or a hang."""
+    ctx = distributed.setup()
+    try:
+        result = fn(ctx)
+    except Exception as e:
+        if ctx.enabled and not isinstance(e, (CapcliError, TrainingInterrupted)) and distributed.is_failure(e):
+            raise distributed.DistributedError(distributed.failure_message(ctx, e, run_dir)) from None
+        raise
+    distributed.cleanup(ctx)
+    return result
+
+
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
-    trainer = Trainer(cfg, reporter)
-    trainer.setup()
-    return trainer.run()
+    def run(ctx: DistContext) -> dict:
+        trainer = Trainer(cfg, reporter, ctx=ctx)
+        trainer.setup()
+        return trainer.run()
+
+    return _distributed(run, Path(cfg.out))
 
 
 def resume(run_dir: str | Path, overrides: dict | None = None, reporter: Reporter | None = None) -> dict:
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise CapcliError(f"{run_dir}: not a capcli run folder (no config.json)")
-    try:
-        cfg = TrainConfig.from_dict(json.loads(config_path.read_text()))
-    except (ValueError, TypeError) as e:
-        raise CapcliError(f"{config_path}: damaged run configuration ({e})") from None
-    for k, v in (overrides or {}).items():
-        if k in RESUME_OVERRIDES and v is not None:
-            setattr(cfg, k, v)
-    cfg.out = str(run_dir)
-    # Stopped before the first checkpoint (e.g. while caching features): start over with the
-    # same settings; the features cached so far are reused.
-    trainer = Trainer(cfg, reporter, resume=(run_dir / "last.safetensors").is_file())
-    trainer.setup()
-    return trainer.run()
+
+    def read_config() -> tuple[dict, bool]:
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise CapcliError(f"{run_dir}: not a capcli run folder (no config.json)")
+        try:
+            data = json.loads(config_path.read_text())
+            TrainConfig.from_dict(data)
+        except (ValueError, TypeError) as e:
+            raise CapcliError(f"{config_path}: damaged run configuration ({e})") from None
+        return data, (run_dir / "last.safetensors").is_file()
+
+    def run(ctx: DistContext) -> dict:
+        data, has_checkpoint = distributed.on_main(ctx, read_config)  # the run folder may be on rank 0's disk only
+        cfg = TrainConfig.from_dict(data)
+        for k, v in (overrides or {}).items():
+            if k in RESUME_OVERRIDES and v is not None:
+                setattr(cfg, k, v)
+        cfg.out = str(run_dir)
+        # Stopped before the first checkpoint (e.g. while caching features): start over with the
+        # same settings; the features cached so far are reused.
+        trainer = Trainer(cfg, reporter, resume=has_checkpoint, ctx=ctx)
+        trainer.setup()
+        return trainer.run()
+
+    return _distributed(run, run_dir)
