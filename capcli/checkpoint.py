@@ -9,6 +9,17 @@ from pathlib import Path
 from capcli.errors import CapcliError
 
 
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once, at import, because the umask is
+    # process-wide: a file another thread created between the two calls would get mode 0666.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     def write(tmp: Path) -> None:
         tmp.write_bytes(data)
@@ -26,9 +37,7 @@ def atomic_write(path: Path, write) -> None:
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
