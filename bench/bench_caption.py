@@ -1,0 +1,125 @@
+"""Captioning throughput, start-up time and memory, side by side in one run.
+
+    python bench/bench_caption.py [--model FILE] [--images DIR] [-n 200]
+
+Prints one line per figure:
+  encoder-only bound    images/s of the encoder alone on preprocessed images, at its best batch size
+  pipeline beam 1 / 3   images/s of Captioner.caption_stream over the image files (decode + encode + search)
+  one-at-a-time loop    images/s captioning one image per call, model loaded once (beam 3)
+  ratios                pipeline / bound, pipeline / loop
+  cold start            wall seconds of `capcli caption one.jpg` in a fresh process (best and median of 3)
+  peak memory           max RSS of `capcli beam` over 1000 image paths (streamed from stdin)
+On a GPU (--device cuda) the same figures are measured there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI = ROOT.parent / "shared" / "data" / "flickr8k-mini" / "Images"
+
+
+def line(name: str, value: float, unit: str, extra: str = "") -> None:
+    print(f"{name:<34} {value:10.2f} {unit}{'  ' + extra if extra else ''}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    ap.add_argument("--images", type=Path, default=MINI, help="folder of images (default: flickr8k-mini)")
+    ap.add_argument("-n", type=int, default=200, help="images per throughput measurement")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--skip-process", action="store_true", help="skip the cold-start and memory figures")
+    args = ap.parse_args()
+
+    import torch
+
+    from capcli.api import Captioner, default_model_path
+    from capcli.data import image_to_tensor, load_image
+
+    model_path = Path(args.model) if args.model else default_model_path()
+    paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.n]
+    if not paths:
+        sys.exit(f"no images in {args.images}")
+    cap = Captioner.load(model_path, args.device)
+    cfg = cap.cfg
+    print(f"# {len(paths)} images from {args.images}, model {model_path.name}, device {cap.device}, "
+          f"torch threads {torch.get_num_threads()}, batch {args.batch_size}", flush=True)
+
+    def sync():
+        if cap.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    # (a) the bound: the encoder alone, images already decoded and resized
+    x = torch.stack([image_to_tensor(load_image(p), cfg.image_size, cfg.mean, cfg.std) for p in paths])
+    best_rate, best_batch = 0.0, 1
+    with torch.inference_mode():
+        for b in (1, 2, 4, 8, 16, 32, 64):
+            cap.model.encoder(x[:b].to(cap.device))  # warm-up
+            sync()
+            t = time.perf_counter()
+            for k in range(0, len(x), b):
+                cap.model.encoder(x[k:k + b].to(cap.device))
+            sync()
+            rate = len(x) / (time.perf_counter() - t)
+            if rate > best_rate:
+                best_rate, best_batch = rate, b
+    line("encoder-only bound", best_rate, "images/s", f"(best batch {best_batch})")
+
+    # the pipeline, as `capcli caption/beam` runs it
+    rates = {}
+    list(cap.caption_stream(paths[:8], beam_size=3, batch_size=8))  # warm-up
+    for k in (1, 3):
+        sync()
+        t = time.perf_counter()
+        results = list(cap.caption_stream(paths, beam_size=k, batch_size=args.batch_size))
+        sync()
+        rates[k] = len(results) / (time.perf_counter() - t)
+        line(f"pipeline beam {k}", rates[k], "images/s", f"({rates[k] / best_rate:.2f}x the encoder bound)")
+
+    # (b) one image at a time, model loaded once
+    few = paths[: max(20, len(paths) // 4)]
+    sync()
+    t = time.perf_counter()
+    for p in few:
+        cap.caption([p], beam_size=3)
+    sync()
+    loop = len(few) / (time.perf_counter() - t)
+    line("one-at-a-time loop beam 3", loop, "images/s")
+    line("pipeline beam 3 / loop", rates[3] / loop, "x")
+    line("pipeline beam 3 / encoder bound", rates[3] / best_rate, "x")
+
+    if args.skip_process:
+        return
+    capcli = [sys.executable, "-m", "capcli"]
+    walls = []
+    for _ in range(3):
+        t = time.perf_counter()
+        subprocess.run([*capcli, "caption", "-m", str(model_path), "--device", args.device, str(paths[0])],
+                       check=True, capture_output=True)
+        walls.append(time.perf_counter() - t)
+    line("cold start: caption one.jpg", min(walls), "s wall", f"(median {statistics.median(walls):.2f} s)")
+
+    listing = "\n".join(str(paths[i % len(paths)]) for i in range(1000)) + "\n"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    proc = subprocess.run([*capcli, "beam", "-k", "3", "-m", str(model_path), "--device", args.device, "-"],
+                          input=listing, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over children so far
+    assert proc.stdout.count("\n") == 1000
+    line("peak memory: beam 3 over 1000 images", max(peak, before) / 1024, "MiB", f"({1000 / wall:.1f} images/s end to end)")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()
