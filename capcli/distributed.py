@@ -156,6 +156,7 @@ def is_failure(exc: BaseException) -> bool:
 def failure_message(ctx: DistContext, exc: BaseException, run_dir: str | Path | None) -> str:
     text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
     text = text.split("] ", 1)[-1] if text.startswith("[") else text  # drop gloo's source location
+    text = text.split(" This is typically caused", 1)[0]  # and its advice, which is ours below
     seconds = timeout_from_env().total_seconds()
     message = (f"distributed training stopped on rank {ctx.rank} of {ctx.world_size}: another process died, hung or "
                f"cannot be reached ({text[:300]}); collectives wait at most {seconds:g} s (CAPCLI_DIST_TIMEOUT). "

@@ -781,8 +781,7 @@ class Trainer:
                 for batch in batches[self.step_in_epoch:]:
                     if ctx.enabled:
                         torch.manual_seed(_step_seed(cfg.seed, epoch, self.step_in_epoch, ctx.rank))
-                    self._train_step(batch)
-                    self.step_in_epoch += 1
+                    self._train_step(batch)  # also counts the step
                     if distributed.sync_check_enabled():
                         distributed.check_in_sync(ctx, self.model, f"epoch {epoch} step {self.step_in_epoch}")
                         self.sync_checks += 1
@@ -798,9 +797,13 @@ class Trainer:
                 self.reporter.stop()
                 with _ignore_sigint():
                     self.save()  # rank 0 alone, no collective: the others may already be gone
+                again = (f"torchrun --nproc-per-node {ctx.local_world_size} ... -m capcli train --resume {self.run_dir}"
+                         if ctx.enabled else f"capcli train --resume {self.run_dir}")
+                if not ctx.is_main:
+                    raise TrainingInterrupted(f"interrupted (rank {ctx.rank}; rank 0 saves the checkpoint)") from None
                 raise TrainingInterrupted(
                     f"interrupted in epoch {epoch} at step {self.step_in_epoch}; saved "
-                    f"{self.run_dir / 'last.safetensors'}; continue with: capcli train --resume {self.run_dir}") from None
+                    f"{self.run_dir / 'last.safetensors'}; continue with: {again}") from None
             self.reporter.stop()
             with _ignore_sigint():
                 stop = self._end_epoch(epoch)
@@ -832,16 +835,20 @@ class Trainer:
             loss, nll, _ = loss_terms(logits, alphas, padded, lengths, cfg.label_smoothing, attention_reg,
                                       total_words=total_words, total_captions=len(batch), scale=ctx.world_size * weight)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        nll = distributed.all_reduce_sum(ctx, (nll * weight).reshape(1))
-        self.epoch_sums["nll"] += float(nll)
-        self.epoch_sums["words"] += total_words
-        self.epoch_sums["captions"] += len(batch)
+        self.scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
+        nll = float(distributed.all_reduce_sum(ctx, (nll * weight).reshape(1)))
+        # From here on no more waiting on other processes; Ctrl-C waits for the update and the
+        # step count to agree, so that a checkpoint saved on Ctrl-C resumes exactly.
+        with _defer_sigint():
+            if cfg.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.step_in_epoch += 1
+            self.epoch_sums["nll"] += nll
+            self.epoch_sums["words"] += total_words
+            self.epoch_sums["captions"] += len(batch)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -916,6 +923,27 @@ class Trainer:
             log.info("early stop: no better val BLEU-4 for %d epochs (best %.4f at epoch %d)", cfg.patience, self.best_score, self.best_epoch)
             return True
         return False
+
+
+class _defer_sigint:
+    """Hold back Ctrl-C until the block is done, then raise it."""
+
+    def __enter__(self):
+        self.caught = False
+
+        def handler(signum, frame):
+            self.caught = True
+
+        try:
+            self.previous = signal.signal(signal.SIGINT, handler)
+        except ValueError:  # not the main thread
+            self.previous = None
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            if self.caught and exc[0] is None and callable(self.previous):
+                self.previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
 
 
 class _ignore_sigint:
