@@ -319,9 +319,9 @@ def check_in_sync(ctx: DistContext, module: torch.nn.Module, where: str) -> None
     """Raise if the ranks' parameters differ (bit for bit, through their checksums)."""
     if not ctx.enabled:
         return
-    mine = parameter_checksums(module)
+    sums = all_gather_object(ctx, parameter_checksums(module))
     names = [n for n, _ in module.named_parameters()]
-    for r, theirs in enumerate(all_gather_object(ctx, mine)):
-        if not torch.equal(theirs, mine):
-            k = int((theirs != mine).nonzero()[0, 0]) // 2
-            raise CapcliError(f"{where}: parameters of rank {r} differ from rank {ctx.rank}'s (first: {names[k]})", exit_code=1)
+    for r, theirs in enumerate(sums):
+        if not torch.equal(theirs, sums[0]):  # the same verdict on every rank
+            k = int((theirs != sums[0]).nonzero()[0, 0]) // 2
+            raise CapcliError(f"{where}: the parameters of rank {r} differ from rank 0's (first: {names[k]})", exit_code=1)

@@ -1,0 +1,304 @@
+"""Training under torchrun (DistributedDataParallel) on the CPU with gloo, 2 processes, the synthetic shapes set.
+
+The processes are real: torchrun (``python -m torch.distributed.run``), or two ``capcli train``
+started by hand with the environment torchrun would give them, or torch.multiprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from capcli import distributed
+from capcli.distributed import DistContext, DistributedBatchSampler, shard_batch, shard_range
+from capcli.model import Decoder, ModelConfig
+from capcli.train import collate, length_bucketed_batches, loss_terms
+from conftest import SMALL
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+
+# Dropout 0 (the last --dropout wins): dropout masks are random per process, and the comparison
+# with a single process needs the same arithmetic.
+TRAIN = ["--batch-size", "16", "--lr", "3e-3", "--min-freq", "1", "--split", "80/20/0", "--device", "cpu",
+         "--save-every", "0", "--label-smoothing", "0.1", *SMALL, "--dropout", "0"]
+IMAGES = 48  # make_shapes_dataset: 4 colours x 2 shapes x 6
+# Softmax ignores a constant added to every score, so the additive attention's output bias has a
+# gradient that is only rounding noise; Adam turns noise into full-size steps, so this one weight
+# differs between any two summation orders (and changes nothing the model computes).
+NOISE_ONLY = {"decoder.attention.v.bias"}
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CAPCLI_DEBUG_SYNC_CHECK"):
+        env.pop(k, None)
+    env.update({"OMP_NUM_THREADS": "1", "CAPCLI_DIST_TIMEOUT": "60", **extra})  # never hang a test for long
+    return env
+
+
+def _capcli(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "capcli", *args], capture_output=True, text=True,
+                          env=env or _env(), timeout=timeout)
+
+
+def _torchrun(args: list[str], env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "capcli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or _env(), timeout=timeout)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- in one process
+
+def test_shard_losses_add_up_to_the_gradient_of_the_global_batch():
+    """Each rank's loss, normalised by the GLOBAL word and caption counts and scaled by the number of
+    ranks, gives DDP's gradient average = the single-process gradient (label smoothing and attention
+    penalty included); a rank with nothing to do contributes an exact zero."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=12, feature_dim=6, embed_dim=5, attention_dim=4, decoder_dim=7, dropout=0.0)
+    decoder = Decoder(cfg)
+    tokens = [[1, 5, 6, 7, 8, 2], [1, 4, 2], [1, 9, 10, 2], [1, 11, 5, 6, 2], [1, 7, 2]]
+    features = torch.randn(len(tokens), 3, 6)  # (N, L, D)
+    kw = dict(label_smoothing=0.1, attention_reg=1.0)
+
+    def grads(ids: list[int], scale: float, totals: bool) -> list[torch.Tensor]:
+        decoder.zero_grad()
+        padded, lengths, order = collate([tokens[i] for i in ids], torch.device("cpu"))
+        logits, alphas = decoder(features[[ids[i] for i in order]], padded, lengths)
+        extra = dict(total_words=sum(len(tokens[i]) - 1 for i in range(len(tokens))), total_captions=len(tokens)) if totals else {}
+        loss, _, _ = loss_terms(logits, alphas, padded, lengths, **kw, **extra, scale=scale)
+        loss.backward()
+        return [p.grad.clone() for p in decoder.parameters()]
+
+    whole = grads(list(range(5)), 1.0, totals=False)
+    world = 2
+    shards = [grads(shard_batch(list(range(5)), r, world), world, totals=True) for r in range(world)]
+    ddp = [sum(g) / world for g in zip(*shards)]  # what DDP's all-reduce averages to
+    for a, b in zip(whole, ddp):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    zero = grads([0], 0.0, totals=True)
+    assert all(torch.count_nonzero(g) == 0 for g in zero)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sampler_gives_each_rank_a_disjoint_bucketed_share_reshuffled_every_epoch(world):
+    lengths = [3 + (i * 7) % 11 for i in range(101)]
+
+    def make(epoch: int) -> list[list[int]]:
+        return length_bucketed_batches(lengths, 16, torch.Generator().manual_seed(epoch))
+
+    samplers = [DistributedBatchSampler(make, r, world) for r in range(world)]
+    for epoch in (1, 2):
+        global_batches = samplers[0].global_batches(epoch)
+        shares = [s.local_batches(epoch) for s in samplers]
+        for step, batch in enumerate(global_batches):
+            parts = [share[step] for share in shares]
+            assert sorted(i for p in parts for i in p) == sorted(batch)  # together: the single-process batch
+            assert sum(len(p) for p in parts) == len(set(i for p in parts for i in p))  # disjoint
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        seen = sorted(i for share in shares for b in share for i in b)
+        assert seen == list(range(len(lengths)))  # every caption once per epoch
+    assert samplers[0].local_batches(1) != samplers[0].local_batches(2)  # reshuffled per epoch
+    assert samplers[1].local_batches(2) == DistributedBatchSampler(make, 1, world).local_batches(2)  # seeded
+    assert [shard_range(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
+
+
+# --------------------------------------------------------------------------- torch.multiprocessing
+
+class _MeanPoolEncoder(torch.nn.Module):
+    """A stand-in encoder: 2x2 mean-pooled pixels -> features (B, 4, 3); counts the images it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def forward(self, x):
+        self.images += x.size(0)
+        return torch.nn.functional.adaptive_avg_pool2d(x, 2).flatten(2).transpose(1, 2)
+
+
+def _cache_worker(rank: int, world: int, store: str, dirs: list[str], image_paths: list[str], out: str):
+    from capcli.model import ModelConfig
+    from capcli.progress import Reporter
+    from capcli.train import build_feature_cache
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    ctx = DistContext(rank=rank, world_size=world, local_rank=rank, local_world_size=world, backend="gloo")
+    mcfg = ModelConfig(vocab_size=10, image_size=64)
+    results = {}
+    for case, directory in (("shared folder", dirs[0]), ("own folders", dirs[1 + rank])):
+        encoder = _MeanPoolEncoder()
+        leaders = distributed.storage_leaders(ctx, Path(directory))
+        cache = build_feature_cache(ctx, Path(directory), "k", (len(image_paths), 4, 3), encoder,
+                                    [Path(p) for p in image_paths], mcfg, torch.device("cpu"), Reporter(), 1, 4)
+        results[case] = {"leaders": leaders, "encoded": encoder.images, "bad": sorted(cache.bad),
+                         "done": cache.done, "features": cache.features.float().tolist()}
+    # The sync check must notice a difference between the ranks, and be quiet without one.
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    distributed.check_in_sync(ctx, net, "same")
+    if rank == 1:
+        with torch.no_grad():
+            net.bias[0] += 1e-6
+    try:
+        distributed.check_in_sync(ctx, net, "perturbed")
+        results["perturbed"] = None
+    except Exception as e:
+        results["perturbed"] = str(e)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def test_feature_cache_is_encoded_once_across_ranks_and_completed_in_every_folder(shapes_dir, tmp_path):
+    """Each rank encodes its own share of the images; in one shared folder they fill one file, in
+    folders of their own (machines without a shared disk) each folder still ends up complete;
+    an unreadable image is known to every rank. Also: the parameter sync check detects a difference."""
+    import torch.multiprocessing as mp
+
+    images = sorted(str(p) for p in (shapes_dir / "Images").glob("*.png"))
+    assert len(images) == IMAGES
+    paths = images[:21] + [str(tmp_path / "missing.png")] + images[21:]  # 49 images, one unreadable
+    dirs = [str(tmp_path / "shared"), str(tmp_path / "node0"), str(tmp_path / "node1")]
+    mp.spawn(_cache_worker, args=(2, str(tmp_path / "store"), dirs, paths, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+
+    from capcli.data import image_to_tensor, load_image
+
+    def expected(p):
+        x = image_to_tensor(load_image(p, draft_size=64), 64, (0.5,) * 3, (0.5,) * 3)
+        return _MeanPoolEncoder()(x[None])[0].half().float()
+
+    want = torch.stack([expected(p) if i != 21 else torch.zeros(4, 3) for i, p in enumerate(paths)])
+    for case, leaders in (("shared folder", [0, 0]), ("own folders", [0, 1])):
+        for r in (r0, r1):
+            got = r[case]
+            assert got["leaders"] == leaders, case
+            assert got["done"] == len(paths) and got["bad"] == [21], case
+            torch.testing.assert_close(torch.tensor(got["features"]), want, atol=2e-3, rtol=0)  # complete, right rows
+        assert r0[case]["encoded"] + r1[case]["encoded"] == len(paths) - 1, case  # every image once, in all
+        assert r0[case]["encoded"] > 0 and r1[case]["encoded"] > 0, case
+    for d in dirs:
+        record = json.loads(next(Path(d).glob("features-k.json")).read_text())
+        assert record["done"] == len(paths) and list(record["bad"]) == ["21"]
+        assert not list(Path(d).glob("features-k.part-*")) and not list(Path(d).glob(".capcli-probe-*"))
+    assert all(r["perturbed"] and "rank 1 differ" in r["perturbed"] for r in (r0, r1))  # every rank stops
+
+
+# --------------------------------------------------------------------------- torchrun
+
+def test_two_processes_train_like_one_process_with_the_same_global_batch_and_resume(shapes_dir, tmp_path):
+    """torchrun, 2 gloo processes, --batch-size 16 global: finishes; parameters identical on both
+    ranks after every step (CAPCLI_DEBUG_SYNC_CHECK); losses and weights those of one process with
+    --batch-size 16; the feature cache is encoded half by each rank; only rank 0 writes metrics,
+    checkpoints and the result line; --resume under torchrun goes on where it stopped."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = _capcli(["train", "--data", str(shapes_dir), "-o", str(one), "--epochs", "3", *TRAIN])
+    assert single.returncode == 0, single.stderr
+
+    run = _torchrun(["train", "--data", str(shapes_dir), "-o", str(two), "--epochs", "2", *TRAIN],
+                    env=_env(CAPCLI_DEBUG_SYNC_CHECK="1"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines() == [run.stdout.strip()] and run.stdout.startswith(str(two / "best.safetensors"))
+    err = run.stderr
+    assert "distributed: 2 processes on 1 machine(s), gloo on cpu; global batch 16 captions" in err
+    assert "8 per process" in err and "learning rate 0.003 as given" in err
+    assert "sync check: the parameters of all 2 processes were identical after each of" in err
+    checked = int(err.split("identical after each of ")[1].split()[0])
+    per_epoch = -(-json.loads(_meta_training(one / "last.safetensors"))["train_captions"] // 16)
+    assert checked == 2 * per_epoch
+    assert f"caching features of {IMAGES} images on 2 processes ({IMAGES // 2} each at most)" in err
+    assert f"cached features of {IMAGES // 2} images" in err  # rank 0 encoded its half
+    (f1,), (f2,) = one.glob("features-*.f16"), two.glob("features-*.f16")
+    assert f1.name == f2.name and f1.read_bytes() == f2.read_bytes()  # same batches of 4, same numbers
+    assert json.loads(f2.with_suffix(".json").read_text()) == {"done": IMAGES, "bad": {}}
+
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [m["epoch"] for m in m2] == [1, 2]  # one writer
+    for a, b in zip(m1, m2):
+        for key in ("train_loss", "val_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["epoch"], key)
+        assert b["lr"] == a["lr"] and b["best"] == a["best"]
+
+    again = _torchrun(["train", "--resume", str(two), "--epochs", "3"], env=_env(CAPCLI_DEBUG_SYNC_CHECK="1"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr and "after epoch 2" in again.stderr
+    m2 = _metrics(two)
+    assert [m["epoch"] for m in m2] == [1, 2, 3]
+    assert m2[2]["train_loss"] == pytest.approx(m1[2]["train_loss"], rel=1e-5)
+    w1, w2 = _weights(one / "last.safetensors"), _weights(two / "last.safetensors")
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        if k not in NOISE_ONLY:
+            torch.testing.assert_close(w2[k], w1[k], atol=2e-4, rtol=1e-3, msg=k)
+    assert not list(two.glob("features-*.part-*"))
+
+
+def _meta_training(path: Path) -> str:
+    from capcli.checkpoint import read_metadata
+
+    return read_metadata(path)["training"]
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_dead_or_hung_rank_stops_the_other_with_a_clear_error(shapes_dir, tmp_path, how):
+    """Two ranks started as torchrun would start them; rank 1 is killed (SIGKILL) or frozen (SIGSTOP)
+    mid-training. Rank 0 must exit 1 with a one-line explanation, after at most the collective
+    timeout (CAPCLI_DIST_TIMEOUT=5 here), not hang."""
+    run = tmp_path / "run"
+    args = ["-m", "capcli", "train", "--data", str(shapes_dir), "-o", str(run), "--epochs", "500", "--patience", "500", *TRAIN]
+    port = _free_port()
+    procs = []
+    try:
+        for rank in (1, 0):
+            env = _env(CAPCLI_DIST_TIMEOUT="5", WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            procs.append(subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        rank1, rank0 = procs
+        deadline = time.time() + 180
+        while not (run / "metrics.jsonl").exists():  # an epoch done: they are training together
+            assert rank0.poll() is None and rank1.poll() is None, rank0.stderr.read() if rank0.poll() is not None else rank1.stderr.read()
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.kill(rank1.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        t0 = time.time()
+        out, err = rank0.communicate(timeout=60)
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert rank0.returncode == 1, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("capcli: distributed training stopped on rank 0 of 2: another process died, hung or cannot be reached"), err[-2000:]
+    assert "CAPCLI_DIST_TIMEOUT" in last and f"--resume {run}" in last and "Traceback" not in err
+    if how == "hung":
+        assert "Timed out" in last or "timed out" in last.lower()
+        assert 4 < waited < 40
+    else:
+        assert waited < 40
