@@ -1,0 +1,149 @@
+"""Training throughput (captions/s) of one process and of DistributedDataParallel, side by side in one run.
+
+    python bench/bench_train.py [--data DIR] [--images-limit 200] [--epochs 1] [--repeat 1]
+
+Prints one line per figure, each the captions/s of the last epoch's training steps (validation
+and the feature cache excluded: the cache is built once, before the timed runs, and copied in):
+  cpu, 1 process, 1 / all threads   plain `capcli train`
+  cpu, 2 gloo processes             `torchrun --nproc-per-node 2 -m capcli train`, the cores split between them
+  cuda, 1 GPU, AMP on / off   (with a GPU) one process; AMP off via CAPCLI_AMP=0
+  cuda, N GPUs nccl, AMP on   (with 2+ GPUs) torchrun over all of them
+--batch-size is the global batch in every case, so all runs do the same arithmetic. On a machine
+with 2 CPU cores, expect no gain from 2 processes: the point there is correctness, not speed.
+Skips (exit 0, with a message) when the data set is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MINI = ROOT.parent / "shared" / "data" / "flickr8k-mini"
+
+
+def line(name: str, value: float, unit: str, extra: str = "") -> None:
+    print(f"{name:<52} {value:8.1f} {unit}{'  ' + extra if extra else ''}", flush=True)
+
+
+def subset(data: Path, limit: int, out: Path) -> Path:
+    """A caption file with the first ``limit`` images of the Kaggle-layout ``data`` (all their captions)."""
+    with open(data / "captions.txt", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header, rows = rows[0], rows[1:]
+    keep = sorted({r[0] for r in rows})[:limit]
+    chosen = set(keep)
+    path = out / "captions.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(r for r in rows if r[0] in chosen)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=MINI, help="Kaggle-layout data set (default: flickr8k-mini)")
+    ap.add_argument("--images-limit", type=int, default=200, help="train on the first N images only, to keep it short (0: all)")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs per run; the last one is reported")
+    ap.add_argument("--batch-size", type=int, default=64, help="global batch, captions")
+    ap.add_argument("--repeat", type=int, default=1, help="alternate the configurations this many times")
+    ap.add_argument("--skip-cpu", action="store_true", help="only the GPU figures")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
+    args = ap.parse_args()
+
+    if not (args.data / "captions.txt").is_file():
+        print(f"skipped: no data set at {args.data} (expects captions.txt and Images/)")
+        return
+    import torch
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="capcli-bench-train-"))
+    work.mkdir(parents=True, exist_ok=True)
+    captions = subset(args.data, args.images_limit, work) if args.images_limit else None
+    data_args = (["--captions", str(captions), "--images", str(args.data / "Images")] if captions
+                 else ["--data", str(args.data)])
+    common = [*data_args, "--split", "90/10/0", "--min-freq", "3", "--batch-size", str(args.batch_size),
+              "--epochs", str(args.epochs), "--patience", "99", "--save-every", "0"]
+    cores = os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+    def env(threads: int | None, **extra) -> dict:
+        e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        if threads:
+            e["OMP_NUM_THREADS"] = str(threads)
+        e.update(extra)
+        return e
+
+    def run(name: str, cmd: list[str], e: dict, device: str) -> dict | None:
+        out = work / f"{name}-{time.time_ns()}"
+        for f in (work / f"cache-{device}").glob("features-*"):  # the cache is not what we measure
+            out.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, out / f.name)
+        t0 = time.time()
+        p = subprocess.run([*cmd, "-q", "train", "-o", str(out), *common, "--device", device], env=e,
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            print(f"# {name}: failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
+            return None
+        last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+        last["wall"] = time.time() - t0
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+        return last
+
+    capcli = [sys.executable, "-m", "capcli"]
+
+    def torchrun(n: int) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "capcli"]
+
+    configs = []
+    if not args.skip_cpu:
+        configs += [(f"cpu, 1 process, {t} thread{'s' * (t > 1)}", capcli, env(t), "cpu") for t in sorted({1, cores})]
+        half = max(1, cores // 2)
+        configs.append((f"cpu, 2 gloo processes, {half} thread{'s' * (half > 1)} each", torchrun(2), env(half), "cpu"))
+    if gpus:
+        configs += [
+            ("cuda, 1 GPU, AMP on", capcli, env(None), "cuda"),
+            ("cuda, 1 GPU, AMP off (CAPCLI_AMP=0)", capcli, env(None, CAPCLI_AMP="0"), "cuda"),
+        ]
+        if gpus >= 2:
+            configs.append((f"cuda, {gpus} GPUs nccl, AMP on", torchrun(gpus), env(None), "cuda"))
+    print(f"# {'first ' + str(args.images_limit) + ' images of ' if captions else ''}{args.data}, global batch "
+          f"{args.batch_size}, {args.epochs} epoch(s) per run, torch {torch.__version__}, {cores} CPU cores, {gpus} GPUs",
+          flush=True)
+
+    # Build each device's feature cache once, untimed (Trainer.setup builds it; no training).
+    from capcli.train import TrainConfig, Trainer
+
+    for device in sorted({c[3] for c in configs}):
+        t0 = time.time()
+        cfg = TrainConfig(out=str(work / f"cache-{device}"), split="90/10/0", min_freq=3, device=device,
+                          **({"captions": str(captions), "images": str(args.data / "Images")} if captions else {"data": str(args.data)}))
+        Trainer(cfg).setup()
+        print(f"# {device}: feature cache built in {time.time() - t0:.0f} s (not timed below)", flush=True)
+
+    results: dict[str, list[dict]] = {name: [] for name, *_ in configs}
+    for _ in range(args.repeat):
+        for name, cmd, e, device in configs:
+            r = run("".join(c if c.isalnum() else "-" for c in name)[:40], cmd, e, device)
+            if r is not None:
+                results[name].append(r)
+    for name, rs in results.items():
+        if rs:
+            best = max(rs, key=lambda r: r["captions_per_s"])
+            line(f"train {name}", best["captions_per_s"], "captions/s",
+                 f"(train loss {best['train_loss']:.4f}; {len(rs)} run(s), wall {best['wall']:.0f} s incl. start-up and validation)")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
