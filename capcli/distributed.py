@@ -40,6 +40,7 @@ class DistContext:
     local_rank: int = 0
     local_world_size: int = 1
     backend: str | None = None  # as given to init_process_group
+    owns_group: bool = False  # setup() made the process group, so cleanup() ends it
 
     @property
     def enabled(self) -> bool:
@@ -93,27 +94,25 @@ def setup() -> DistContext:
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
         raise CapcliError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: start distributed runs with torchrun")
-    if torch.cuda.is_available():
-        if local_rank >= torch.cuda.device_count():
-            raise CapcliError(f"LOCAL_RANK {local_rank} but this machine has only {torch.cuda.device_count()} GPUs: "
-                              f"start at most {torch.cuda.device_count()} processes per node (--nproc-per-node)")
-        torch.cuda.set_device(local_rank)
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(local_rank)  # before NCCL starts: one GPU per process
         backend = "cpu:gloo,cuda:nccl"
-    else:
+    else:  # CPU processes (more of them than GPUs can only train on the CPU; see training_device)
         backend = "gloo"
-    if dist.is_initialized():  # set up by the caller (a test, an API user): use it as it is
-        backend = str(dist.get_backend())
-    else:
+    owns = not dist.is_initialized()  # else set up by the caller (a test, an API user): use it as it is
+    if owns:
         dist.init_process_group(backend=backend, timeout=timeout_from_env())
+    else:
+        backend = str(dist.get_backend())
     ctx = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
-                      local_world_size=local_world, backend=backend)
+                      local_world_size=local_world, backend=backend, owns_group=owns)
     if not ctx.is_main:
         log.setLevel(max(log.level, logging.ERROR))  # rank 0 speaks for the job
     return ctx
 
 
 def cleanup(ctx: DistContext) -> None:
-    if ctx.enabled:
+    if ctx.enabled and ctx.owns_group:
         import torch.distributed as dist
 
         if dist.is_initialized():
@@ -127,6 +126,10 @@ def training_device(ctx: DistContext, name: str) -> torch.device:
     device = resolve_device(name)
     if not ctx.enabled or device.type != "cuda":
         return device
+    if ctx.local_rank >= torch.cuda.device_count():
+        raise CapcliError(f"process {ctx.rank} has LOCAL_RANK {ctx.local_rank} but this machine has only "
+                          f"{torch.cuda.device_count()} GPUs: start at most that many processes per machine "
+                          f"(--nproc-per-node), or train with --device cpu")
     if device.index is not None and device.index != ctx.local_rank:
         log.warning("--device %s ignored under torchrun: process %d uses cuda:%d", name, ctx.rank, ctx.local_rank)
     return torch.device("cuda", ctx.local_rank)

@@ -4,6 +4,11 @@ With a frozen encoder (the default) every image is encoded once, into an fp16 ca
 run folder, and the encoder is off the hot path: an epoch only runs the decoder. With
 ``fine_tune_encoder`` batches are drawn by image, and each image's encoder output is shared by
 all of its captions, so the encoder still runs once per image per epoch.
+
+Under torchrun (``torchrun --nproc-per-node N -m capcli train ...``) the same code trains one
+model with DistributedDataParallel; see capcli.distributed and ``Trainer``. --batch-size stays
+the global batch, split across the processes, and the loss is normalised by the global batch's
+word count, so N processes take the same steps as one process with the same --batch-size.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from capcli import checkpoint, distributed
-from capcli.distributed import SINGLE, DistContext
 from capcli.data import Sample, load_dataset, parse_split_ratios, prefetch_images, split_counts
+from capcli.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
 from capcli.evaluate import score_captions
 from capcli.model import CaptionModel, ModelConfig, resolve_device
