@@ -33,7 +33,7 @@ from capcli.data import Sample, load_dataset, parse_split_ratios, prefetch_image
 from capcli.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
 from capcli.evaluate import score_captions
-from capcli.model import CaptionModel, ModelConfig, resolve_device
+from capcli.model import CaptionModel, ModelConfig
 from capcli.progress import Reporter
 from capcli.sampling import greedy
 from capcli.vocab import PAD, Vocab
