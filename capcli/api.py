@@ -77,9 +77,10 @@ class Captioner:
         import json
 
         try:
-            return json.loads(self.metadata.get("training") or "{}")
+            training = json.loads(self.metadata.get("training") or "{}")
         except ValueError:
             return {}
+        return training if isinstance(training, dict) else {}
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -163,14 +164,14 @@ class Captioner:
         """Caption image files or PIL images. Unreadable files give results with ``error`` set."""
         if all(isinstance(i, (str, Path)) for i in images):
             return list(self.caption_stream(images, beam_size, max_len, length_penalty, nbest, batch_size))
-        from capcli.data import _to_rgb
+        from capcli.data import to_rgb
 
         cfg, results = self.cfg, []
         for k in range(0, len(images), batch_size):
             chunk = images[k:k + batch_size]
             if not all(hasattr(i, "convert") for i in chunk):
                 raise TypeError("images must be paths or PIL images")
-            x = torch.stack([image_to_tensor(_to_rgb(i), cfg.image_size, cfg.mean, cfg.std) for i in chunk])  # (n, 3, S, S)
+            x = torch.stack([image_to_tensor(to_rgb(i), cfg.image_size, cfg.mean, cfg.std) for i in chunk])  # (n, 3, S, S)
             for hyps in self.decode(self.encode(x), beam_size, max_len, length_penalty, nbest):
                 results.append(self._result(None, hyps))
         return results

@@ -445,7 +445,7 @@ def load_image(path: str | Path, draft_size: int | None = None):
     (transparency composited on white); animated images give their first frame. Raises
     ImageError with a one-line reason for anything that is not a readable image.
     """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
@@ -462,8 +462,7 @@ def load_image(path: str | Path, draft_size: int | None = None):
                 img.draft("RGB", (draft_size, draft_size))  # decode at reduced scale: much faster
             img.seek(0)
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return to_rgb(img)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -510,7 +509,14 @@ def _unidentified_reason(path: Path) -> str:
     return "not an image (unrecognised format)"
 
 
-def _to_rgb(img):
+def to_rgb(img):
+    """Any PIL image -> upright RGB (EXIF orientation applied, 16-bit scaled, alpha on white)."""
+    from PIL import ImageOps
+
+    return _mode_to_rgb(ImageOps.exif_transpose(img))
+
+
+def _mode_to_rgb(img):
     from PIL import Image
 
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
