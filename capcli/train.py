@@ -665,6 +665,14 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
 
+    def _rng_state(self) -> tuple:
+        return torch.get_rng_state(), (torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
+
+    def _set_rng_state(self, cpu: torch.Tensor, cuda: torch.Tensor | None) -> None:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+
     def _read_state(self) -> dict:
         meta = checkpoint.read_metadata(self.run_dir / "last.safetensors")
         cid = json.loads(meta.get("training") or "{}").get("checkpoint_id")
@@ -781,11 +789,13 @@ class Trainer:
             self.reporter.start(f"epoch {epoch}/{cfg.epochs}", len(batches), unit="batches")
             if self.step_in_epoch:
                 self.reporter.update(self.step_in_epoch)
+            step_before, rng_before = -1, None
             try:
                 t_start, seconds_before = time.time(), self.epoch_sums["seconds"]
                 for batch in batches[self.step_in_epoch:]:
                     if ctx.enabled:
                         torch.manual_seed(_step_seed(cfg.seed, epoch, self.step_in_epoch, ctx.rank))
+                    step_before, rng_before = self.step_in_epoch, self._rng_state()
                     self._train_step(batch)  # also counts the step
                     if distributed.sync_check_enabled():
                         distributed.check_in_sync(ctx, self.model, f"epoch {epoch} step {self.step_in_epoch}")
@@ -800,6 +810,8 @@ class Trainer:
                         last_save = time.time()
             except KeyboardInterrupt:
                 self.reporter.stop()
+                if rng_before is not None and self.step_in_epoch == step_before:
+                    self._set_rng_state(*rng_before)  # stopped inside a step: undo its dropout draws
                 with _ignore_sigint():
                     self.save()  # rank 0 alone, no collective: the others may already be gone
                 again = (f"torchrun --nproc-per-node {ctx.local_world_size} ... -m capcli train --resume {self.run_dir}"
