@@ -300,7 +300,7 @@ class AdditiveAttention(nn.Module):
         super().__init__()
         self.W_e = nn.Linear(feature_dim, attention_dim)
         self.W_d = nn.Linear(hidden_dim, attention_dim)
-        self.v = nn.Linear(attention_dim, 1)
+        self.v = nn.Linear(attention_dim, 1, bias=False)  # a bias would shift every score alike: softmax ignores it
 
     def keys(self, features):  # (B, L, D) -> (B, L, A), once per image
         return self.W_e(features)
