@@ -19,7 +19,7 @@ import torch
 from capcli import checkpoint
 from capcli.data import ImageError, image_to_tensor, prefetch_images
 from capcli.errors import CapcliError
-from capcli.model import resolve_device
+from capcli.model import autocast, resolve_device
 from capcli.sampling import Hypothesis, beam_search, greedy
 
 DEFAULT_MODEL_NAME = "capcli-lite0-flickr8k-mini.safetensors"
@@ -96,11 +96,8 @@ class Captioner:
         out = []
         for k in range(0, images.size(0), chunk):
             x = images[k:k + chunk].to(self.device, non_blocking=True)  # (c, 3, S, S)
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
-                    out.append(self.model.encoder(x).float())
-            else:
-                out.append(self.model.encoder(x))  # (c, L, D)
+            with autocast(self.device):
+                out.append(self.model.encoder(x).float())  # (c, L, D)
         return torch.cat(out)  # (N, L, D)
 
     @torch.no_grad()

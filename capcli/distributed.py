@@ -90,7 +90,7 @@ def setup() -> DistContext:
 
     if not dist.is_available():
         raise CapcliError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
     if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
         raise CapcliError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set: start distributed runs with torchrun")

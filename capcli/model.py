@@ -9,8 +9,10 @@ H decoder size, E word-embedding size, V vocabulary size, T caption steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import asdict, dataclass, field, fields
+import os
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,6 +78,19 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise CapcliError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
+
+
+def amp_enabled() -> bool:
+    """Mixed precision on CUDA, unless CAPCLI_AMP=0 (for comparisons and benchmarks)."""
+    return os.environ.get("CAPCLI_AMP", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPUs that have it, fp16 on older ones; nothing on the CPU or with CAPCLI_AMP=0."""
+    if device.type != "cuda" or not amp_enabled():
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
 
 
 # =========================================================================== encoders

@@ -13,12 +13,9 @@ word count, so N processes take the same steps as one process with the same --ba
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
-import random
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -26,14 +23,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from capcli import checkpoint, distributed
 from capcli.data import Sample, load_dataset, parse_split_ratios, prefetch_images, split_counts
 from capcli.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
 from capcli.evaluate import score_captions
-from capcli.model import CaptionModel, ModelConfig
+from capcli.feature_cache import build_feature_cache, cache_key
+from capcli.model import CaptionModel, ModelConfig, amp_enabled, autocast
 from capcli.progress import Reporter
 from capcli.sampling import greedy
 from capcli.vocab import PAD, Vocab
@@ -101,292 +98,6 @@ RESUME_OVERRIDES = ("epochs", "patience", "device", "workers", "save_every_minut
 
 class TrainingInterrupted(Exception):
     """Ctrl-C: a checkpoint was saved; the CLI exits 130."""
-
-
-# =========================================================================== feature cache
-
-def _intervals(mask: torch.Tensor) -> list[list[int]]:
-    """Bool (n,) -> [[lo, hi), ...] runs of True, for the JSON progress records."""
-    m = mask.to(torch.int8)
-    edge = torch.diff(m, prepend=m.new_zeros(1), append=m.new_zeros(1))
-    return [[int(a), int(b)] for a, b in zip((edge == 1).nonzero().flatten(), (edge == -1).nonzero().flatten())]
-
-
-def _runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
-    """Sorted row numbers -> (start row, position in rows, count) of each run of consecutive rows."""
-    out: list[tuple[int, int, int]] = []
-    for k, r in enumerate(rows):
-        if out and out[-1][0] + out[-1][2] == r:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((r, k, 1))
-    return out
-
-
-class FeatureCache:
-    """Encoder features of a list of images, fp16, memory-mapped from one file.
-
-    The file lives in the run folder and is reused by --resume; a key made of the encoder, its
-    weights and the image list guards against reusing features that no longer match. Progress
-    is recorded as it goes, so an interrupted caching run continues where it stopped.
-
-    Progress: ``features-KEY.json`` holds {"done": rows 0..done-1 are cached, "bad": {row: why},
-    "ranges": further cached [lo, hi) runs (only after a distributed run was interrupted)}.
-    Under torchrun each process encodes its own share of the rows and records its progress in
-    ``features-KEY.part-rR.json``; one process per folder merges them into the main record.
-    """
-
-    def __init__(self, directory: Path, key: str, shape: tuple[int, int, int], create: bool = True):
-        self.directory, self.key = Path(directory), key
-        self.data_path = self.directory / f"features-{key}.f16"
-        self.index_path = self.directory / f"features-{key}.json"
-        self.shape = shape
-        n, L, D = shape
-        self.row_bytes = L * D * 2
-        if create and (not self.data_path.exists() or self.data_path.stat().st_size != n * self.row_bytes):
-            with open(self.data_path, "wb") as f:
-                f.truncate(n * self.row_bytes)
-            for part in self._part_paths():
-                part.unlink(missing_ok=True)
-            checkpoint.atomic_write_bytes(self.index_path, json.dumps({"done": 0, "bad": {}}).encode())
-        self.remap()
-        self.reload_progress()
-
-    def remap(self) -> None:
-        """(Re)open the memory map: after other processes wrote rows, perhaps on other machines."""
-        n, L, D = self.shape
-        self.features = torch.from_file(str(self.data_path), shared=True, size=n * L * D, dtype=torch.float16).view(n, L, D)
-
-    def _part_paths(self) -> list[Path]:
-        return sorted(self.directory.glob(f"features-{self.key}.part-r*.json"))
-
-    def part_path(self, rank: int) -> Path:
-        return self.directory / f"features-{self.key}.part-r{rank}.json"
-
-    def reload_progress(self) -> None:
-        """``have`` (rows cached or known bad) and ``bad`` from the main record and any part records."""
-        n = self.shape[0]
-        self.have = torch.zeros(n, dtype=torch.bool)
-        self.bad: dict[int, str] = {}
-        records = [self.index_path] if self.index_path.exists() else []
-        for path in records + self._part_paths():
-            try:
-                state = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # a part being replaced, or damaged: those rows are simply encoded again
-            self.have[: min(int(state.get("done", 0)), n)] = True
-            for lo, hi in state.get("ranges", []):
-                self.have[lo:min(hi, n)] = True
-            self.bad.update({int(k): v for k, v in state.get("bad", {}).items()})
-
-    @property
-    def done(self) -> int:
-        """Rows 0..done-1 are all cached (or known bad)."""
-        missing = (~self.have).nonzero()
-        return int(missing[0, 0]) if len(missing) else self.shape[0]
-
-    def _record(self, have: torch.Tensor, bad: dict[int, str], main: bool) -> bytes:
-        if main:
-            done = int((~have).nonzero()[0, 0]) if not bool(have.all()) else len(have)
-            state = {"done": done, "bad": bad}
-            rest = have.clone()
-            rest[:done] = False
-            if bool(rest.any()):
-                state["ranges"] = _intervals(rest)
-        else:
-            state = {"ranges": _intervals(have), "bad": bad}
-        return json.dumps(state).encode()
-
-    def consolidate(self) -> None:
-        """Fold the part records into the main one (one process per folder does this)."""
-        checkpoint.atomic_write_bytes(self.index_path, self._record(self.have, self.bad, main=True))
-        for part in self._part_paths():
-            part.unlink(missing_ok=True)
-
-    def write_rows(self, fd: int, rows: Sequence[int], f: torch.Tensor) -> None:
-        """Write features f (len(rows), L, D) of sorted ``rows`` with pwrite (safe for neighbouring rows
-        written by other processes, also over NFS, unlike writes through a shared mapping)."""
-        data = f.to("cpu", torch.float16).contiguous().view(torch.uint8).numpy()  # (k, L, D*2) bytes
-        for start, pos, count in _runs(rows):
-            os.pwrite(fd, data[pos:pos + count].tobytes(), start * self.row_bytes)
-
-    def encode(self, encoder: torch.nn.Module, rows: Sequence[int], paths: Sequence[Path], cfg: ModelConfig,
-               device: torch.device, reporter: Reporter, workers: int, batch_size: int,
-               part: int | None = None, description: str = "caching features") -> None:
-        """Encode images ``paths[r]`` for the sorted ``rows``; unreadable images are recorded in ``bad``.
-
-        Progress goes to the main record, or to part record ``part`` (a rank) when given.
-        """
-        if not rows:
-            return
-        t0 = time.time()
-        mine = torch.zeros(self.shape[0], dtype=torch.bool)  # what this call did, for a part record
-        my_bad: dict[int, str] = {}
-        reporter.start(description, len(rows), unit="images")
-        batch_idx: list[int] = []
-        batch: list[torch.Tensor] = []
-        last_save = time.time()
-        fd = os.open(self.data_path, os.O_RDWR)
-
-        def save_progress():
-            if part is None:
-                checkpoint.atomic_write_bytes(self.index_path, self._record(self.have, self.bad, main=True))
-            else:
-                checkpoint.atomic_write_bytes(self.part_path(part), self._record(mine, my_bad, main=False))
-
-        def flush():
-            if batch:
-                x = torch.stack(batch).to(device)  # (b, 3, S, S)
-                with torch.no_grad(), _autocast(device):
-                    f = encoder(x)  # (b, L, D)
-                self.write_rows(fd, batch_idx, f)
-                self.have[batch_idx] = True
-                mine[batch_idx] = True
-            reporter.update(len(batch_idx))
-            batch_idx.clear()
-            batch.clear()
-
-        try:
-            for i, (path, item) in zip(rows, prefetch_images([paths[r] for r in rows], cfg.image_size, cfg.mean, cfg.std, workers)):
-                if isinstance(item, Exception):
-                    if batch:
-                        flush()
-                    self.bad[i] = my_bad[i] = f"{path}: {item}"
-                    self.have[i] = mine[i] = True
-                    reporter.update(1)
-                    continue
-                batch_idx.append(i)
-                batch.append(item)
-                if len(batch) >= batch_size:
-                    flush()
-                    if time.time() - last_save > 30:
-                        os.fsync(fd)
-                        save_progress()
-                        last_save = time.time()
-            flush()
-        finally:
-            os.fsync(fd)  # the rows reach the file before the record says they are there
-            os.close(fd)
-            save_progress()  # keep what was done, also on Ctrl-C
-            reporter.stop()
-        n = len(rows)
-        log.info("cached features of %d images in %.1f s (%.1f ms/image)", n, time.time() - t0, 1000 * (time.time() - t0) / max(n, 1))
-
-    def fill(self, encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
-             reporter: Reporter, workers: int, batch_size: int) -> None:
-        """Encode every image not cached yet, in this process (the single-process cache build)."""
-        if self._part_paths():
-            self.consolidate()
-        rows = (~self.have).nonzero().flatten().tolist()
-        self.encode(encoder, rows, paths, cfg, device, reporter, workers, batch_size)
-
-
-def build_feature_cache(ctx: DistContext, directory: Path, key: str, shape: tuple[int, int, int],
-                        encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
-                        reporter: Reporter, workers: int, batch_size: int) -> FeatureCache:
-    """The complete feature cache of ``paths`` in ``directory``, on every rank; each image encoded once.
-
-    Alone: encode what is missing. Under torchrun: the processes that see the same ``directory``
-    share one file (one machine, or a shared filesystem); the rows still missing in any folder are
-    cut into whole encoder batches, each rank encodes a contiguous share into its folder's file,
-    and when the ranks have more than one folder (machines with local disks) the first rank of each
-    folder sends its folder's new rows to the other folders' first ranks (a broadcast per chunk).
-    """
-    if not ctx.enabled:
-        cache = FeatureCache(directory, key, shape)
-        cache.fill(encoder, paths, cfg, device, reporter, workers, batch_size)
-        return cache
-    leaders = distributed.storage_leaders(ctx, directory)
-    leader = leaders[ctx.rank] == ctx.rank
-    cache = None
-    if leader:
-        cache = FeatureCache(directory, key, shape)  # creates the file, merges parts left by a stopped run
-        cache.consolidate()
-    distributed.barrier(ctx)
-    if not leader:
-        cache = FeatureCache(directory, key, shape, create=False)
-    assert cache is not None
-    # A row is missing when one folder lacks it; folders that have it get it again (rare: a run
-    # stopped while caching on machines with local disks).
-    n = shape[0]
-    have_everywhere = torch.ones(n, dtype=torch.bool)
-    known_bad: dict[int, str] = {}
-    for ranges, bad in distributed.all_gather_object(ctx, (_intervals(cache.have), cache.bad)):
-        mask = torch.zeros(n, dtype=torch.bool)
-        for lo, hi in ranges:
-            mask[lo:hi] = True
-        have_everywhere &= mask
-        known_bad.update(bad)
-    todo = (~have_everywhere).nonzero().flatten().tolist()
-    known_bad = {i: why for i, why in known_bad.items() if have_everywhere[i]}
-    if todo:
-        blocks = [todo[k:k + batch_size] for k in range(0, len(todo), batch_size)]  # whole encoder batches
-        assigned = []
-        for r in range(ctx.world_size):
-            lo, hi = distributed.shard_range(len(blocks), r, ctx.world_size)
-            assigned.append([i for b in blocks[lo:hi] for i in b])
-        log.info("caching features of %d images on %d processes (%d each at most)", len(todo), ctx.world_size,
-                 max(len(a) for a in assigned))
-        cache.encode(encoder, assigned[ctx.rank], paths, cfg, device, reporter, workers, batch_size, part=ctx.rank,
-                     description=f"caching features (share {ctx.rank + 1}/{ctx.world_size})")
-        distributed.barrier(ctx)
-        if len(set(leaders)) > 1:
-            _exchange_rows(ctx, cache, leaders, assigned, device)
-        merged = dict(known_bad)
-        for bad in distributed.all_gather_object(ctx, {i: cache.bad[i] for i in assigned[ctx.rank] if i in cache.bad}):
-            merged.update(bad)
-        if leader:
-            cache.have[:] = True
-            cache.bad = merged
-            cache.consolidate()
-        distributed.barrier(ctx)
-    else:
-        if leader and known_bad != cache.bad:
-            cache.bad = known_bad
-            cache.consolidate()
-        distributed.barrier(ctx)
-    cache.remap()
-    cache.reload_progress()
-    return cache
-
-
-def _exchange_rows(ctx: DistContext, cache: FeatureCache, leaders: list[int], assigned: list[list[int]],
-                   device: torch.device) -> None:
-    """Copy every folder's newly encoded rows into the other folders, leader to leaders, in chunks."""
-    import torch.distributed as dist
-
-    heads = sorted(set(leaders))
-    group = dist.new_group(heads)  # every rank must take part in making it
-    if ctx.rank in heads:
-        cache.remap()  # see the rows the other ranks of this folder wrote
-        comm = device if device.type == "cuda" else torch.device("cpu")
-        per_chunk = max(1, (64 << 20) // cache.row_bytes)
-        _, L, D = cache.shape
-        fd = os.open(cache.data_path, os.O_RDWR)
-        try:
-            for src in heads:
-                rows = sorted(i for r in range(ctx.world_size) if leaders[r] == src for i in assigned[r])
-                for k in range(0, len(rows), per_chunk):
-                    chunk = rows[k:k + per_chunk]
-                    if ctx.rank == src:
-                        buf = cache.features[torch.tensor(chunk)].contiguous().view(torch.uint8).to(comm)
-                    else:
-                        buf = torch.empty(len(chunk), L, D * 2, dtype=torch.uint8, device=comm)
-                    dist.broadcast(buf, src=src, group=group)
-                    if ctx.rank != src:
-                        cache.write_rows(fd, chunk, buf.view(torch.float16))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    distributed.barrier(ctx)
-
-
-def _cache_key(cfg: ModelConfig, weights_source: str, paths: Sequence[Path]) -> str:
-    h = hashlib.sha1()
-    h.update(json.dumps([cfg.encoder, cfg.grid, cfg.image_size, weights_source]).encode())
-    for p in paths:
-        h.update(str(p).encode() + b"\0")
-    return h.hexdigest()[:16]
 
 
 # =========================================================================== batches
@@ -463,21 +174,6 @@ def loss_terms(logits: torch.Tensor, alphas: torch.Tensor, padded: torch.Tensor,
         n_cells = (total_captions or coverage.size(0)) * coverage.size(1)
         loss = loss + attention_reg * ((1.0 - coverage) ** 2).sum() / n_cells
     return loss * scale, nll.detach().sum(), words
-
-
-def amp_enabled() -> bool:
-    """Mixed precision on CUDA, unless CAPCLI_AMP=0 (for comparisons and benchmarks)."""
-    return os.environ.get("CAPCLI_AMP", "1").strip().lower() not in ("0", "off", "false", "no")
-
-
-def _autocast(device: torch.device):
-    """bf16 autocast on GPUs that have it, fp16 on older ones; nothing on the CPU or with CAPCLI_AMP=0."""
-    if device.type != "cuda" or not amp_enabled():
-        import contextlib
-
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 class _TrainNet(torch.nn.Module):
@@ -623,7 +319,7 @@ class Trainer:
             probe = self.model.encoder(torch.zeros(1, 3, mcfg.image_size, mcfg.image_size, device=self.device))  # (1, L, D)
         shape = (len(paths), probe.size(1), probe.size(2))
         batch = 64 if self.device.type == "cuda" else 4  # on the CPU, big batches slow Lite0 down
-        self.cache = build_feature_cache(self.ctx, self.run_dir, _cache_key(mcfg, self.weights_source, paths), shape,
+        self.cache = build_feature_cache(self.ctx, self.run_dir, cache_key(mcfg, self.weights_source, paths), shape,
                                          self.model.encoder, paths, mcfg, self.device, self.reporter, self.cfg.workers, batch)
         bad = self.cache.bad
         if bad:
@@ -843,7 +539,7 @@ class Trainer:
         padded, lengths, order = collate([self.train_set.tokens[i] for i in mine], self.device)
         images = [self.train_set.image[mine[i]] for i in order]
         attention_reg = cfg.attention_reg if self.model.cfg.attention != "none" else 0.0
-        with _autocast(self.device):
+        with autocast(self.device):
             if cfg.fine_tune_encoder:
                 x, rows = self._batch_images(images)
             else:
@@ -883,7 +579,7 @@ class Trainer:
         batches = length_bucketed_batches([len(t) for t in self.val_set.tokens], 256, g)
         for batch in batches[ctx.rank::ctx.world_size]:
             padded, lengths, order = collate([self.val_set.tokens[i] for i in batch], self.device)
-            with _autocast(self.device):
+            with autocast(self.device):
                 features = self._batch_features([self.val_set.image[batch[i]] for i in order], train=False)
                 _, nll, n = caption_loss(self.model.decoder, features, padded, lengths)
             nll_sum, words = nll_sum + nll, words + n
@@ -892,7 +588,7 @@ class Trainer:
         candidates = {}
         chunks = [images[k:k + 128] for k in range(0, len(images), 128)]
         for chunk in chunks[ctx.rank::ctx.world_size]:
-            with _autocast(self.device):
+            with autocast(self.device):
                 hyps = greedy(self.model.decoder, self._batch_features(chunk, train=False), max_len=self.vocab.max_len)
             candidates.update({str(i): self.vocab.decode(h.tokens) for i, h in zip(chunk, hyps)})
         if ctx.enabled:
