@@ -110,3 +110,29 @@ def test_other_attention_and_rnn_train(tmp_path, shapes_dir, attention, rnn):
     assert (cfg.attention, cfg.rnn) == (attention, rnn)
     m = metrics(run)
     assert m[1]["train_loss"] < m[0]["train_loss"]
+
+
+def test_unreadable_images_are_skipped_or_stop_training(tmp_path, shapes_dir):
+    import shutil
+
+    from conftest import make_shapes_dataset
+
+    data = make_shapes_dataset(tmp_path / "data")
+    (data / "Images" / "red_square_0.png").write_bytes(b"garbage")  # 1 of 48 images: 2%
+    run = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "-o", str(run), "--epochs", "1", *BASE])
+    assert result.exit_code == 1
+    assert "capcli: 1 of 48 images cannot be read (2.1%, more than the allowed 1.0%" in result.stderr
+    assert "red_square_0.png" in result.stderr and "Traceback" not in result.output
+
+    shutil.rmtree(run)
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "-o", str(run), "--epochs", "1",
+                                      "--max-bad-fraction", "0.05", *BASE])
+    assert result.exit_code == 0, result.output
+    assert "skipping 1 unreadable image (first:" in result.stderr
+    from capcli.data import load_dataset
+
+    train_images = [s for s in load_dataset(data, split_ratios=(0.8, 0.2, 0.0)) if s.split == "train"]
+    bad_in_train = any(s.image_path.name == "red_square_0.png" for s in train_images)
+    expected = 5 * (len(train_images) - bad_in_train)  # five captions per image, none of the bad one
+    assert checkpoint.load_model(run / "best.safetensors").training["train_captions"] == expected
