@@ -89,7 +89,7 @@ class Captioner:
         return self._grid
 
     # ------------------------------------------------------------------ core
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, L, D). On the CPU Lite0 is fastest a few images at a time."""
         chunk = 64 if self.device.type == "cuda" else 4
@@ -100,7 +100,7 @@ class Captioner:
                 out.append(self.model.encoder(x).float())  # (c, L, D)
         return torch.cat(out)  # (N, L, D)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self, features: torch.Tensor, beam_size: int = 1, max_len: int = 30,
                length_penalty: float = 1.0, nbest: int = 1) -> list[list[Hypothesis]]:
         if beam_size <= 1 and nbest == 1:
@@ -134,27 +134,40 @@ class Captioner:
     ) -> Iterator[CaptionResult]:
         """Caption a stream of image files, yielding results in input order as each batch finishes.
 
-        Images load in background threads while the model works; an unreadable image yields a
-        result with ``error`` set and the others go on.
+        Three stages overlap: images load in background threads, the encoder runs on batch k+1
+        while a second thread searches captions for batch k. An unreadable image yields a result
+        with ``error`` set and the others go on.
         """
-        cfg = self.cfg
-        pending: list[tuple[Path, object]] = []
-        stream = prefetch_images((Path(p) for p in paths), cfg.image_size, cfg.mean, cfg.std, workers, ahead=2 * batch_size)
-        for item in stream:
-            pending.append(item)
-            if len(pending) >= batch_size:
-                yield from self._run_batch(pending, beam_size, max_len, length_penalty, nbest)
-                pending = []
-        if pending:
-            yield from self._run_batch(pending, beam_size, max_len, length_penalty, nbest)
+        from concurrent.futures import ThreadPoolExecutor
 
-    def _run_batch(self, items, beam_size, max_len, length_penalty, nbest) -> list[CaptionResult]:
-        good = [t for _, t in items if not isinstance(t, ImageError)]
-        hyps = iter(self.decode(self.encode(torch.stack(good)), beam_size, max_len, length_penalty, nbest) if good else [])
-        return [
-            CaptionResult(str(path), error=str(t)) if isinstance(t, ImageError) else self._result(str(path), next(hyps))
-            for path, t in items
-        ]
+        cfg = self.cfg
+        stream = prefetch_images((Path(p) for p in paths), cfg.image_size, cfg.mean, cfg.std, workers, ahead=2 * batch_size)
+
+        def batches():
+            items: list[tuple[Path, object]] = []
+            for item in stream:
+                items.append(item)
+                if len(items) >= batch_size:
+                    yield items
+                    items = []
+            if items:
+                yield items
+
+        def search(items, features):
+            hyps = iter(self.decode(features, beam_size, max_len, length_penalty, nbest) if features is not None else [])
+            return [CaptionResult(str(path), error=str(t)) if isinstance(t, ImageError) else self._result(str(path), next(hyps))
+                    for path, t in items]
+
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="capcli-search") as searcher:
+            running = None
+            for items in batches():
+                good = [t for _, t in items if not isinstance(t, ImageError)]
+                features = self.encode(torch.stack(good)) if good else None  # (n, L, D)
+                if running is not None:
+                    yield from running.result()
+                running = searcher.submit(search, items, features)
+            if running is not None:
+                yield from running.result()
 
     def caption(self, images: Sequence, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0,
                 nbest: int = 1, batch_size: int = 32) -> list[CaptionResult]:

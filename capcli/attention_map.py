@@ -29,10 +29,10 @@ def render(image, words: Sequence[str], attention, panel: int = PANEL, columns: 
         font = ImageFont.load_default()
     dark = Image.new("RGB", (w, h), (0, 0, 0))
     for i, word in enumerate(words):
-        a = attention[i].float()
-        a = (a / a.max().clamp_min(1e-12)).clamp(0, 1)  # (h, w), strongest cell = 1
+        a = attention[i].float()  # (h, w)
+        a = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12)  # stretched: weakest cell 0, strongest 1
         mask = Image.frombytes("L", (a.size(1), a.size(0)), bytes((a * 255).round().byte().flatten().tolist()))
-        mask = mask.resize((w, h), Image.BILINEAR).point(lambda v: 60 + v * 195 // 255)  # keep the scene visible
+        mask = mask.resize((w, h), Image.BILINEAR).point(lambda v: 40 + v * 215 // 255)  # the scene stays faintly visible
         x, y = (i % cols) * w, (i // cols) * (h + LABEL)
         sheet.paste(Image.composite(base, dark, mask), (x, y))
         draw.text((x + w // 2, y + h + LABEL // 2), word, fill="black", font=font, anchor="mm")

@@ -545,10 +545,11 @@ def image_to_tensor(img, size: int, mean: Sequence[float], std: Sequence[float])
 
     img = img.resize((size, size), Image.BICUBIC)
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)  # (S*S*3,)
-    x = x.view(size, size, 3).permute(2, 0, 1).float().div_(255)  # (3, S, S)
-    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (x - m) / s  # (3, S, S)
+    # (3, S, S) whose memory stays pixel-major (channels last), the layout the encoder runs in
+    x = x.view(size, size, 3).permute(2, 0, 1).float()
+    scale = torch.tensor([1 / (255 * s) for s in std]).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    return x.mul_(scale).add_(shift)  # (3, S, S): (x / 255 - mean) / std
 
 
 def expand_paths(inputs: Iterable[str]) -> Iterator[Path]:

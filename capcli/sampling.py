@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from capcli.model import Decoder
+from capcli.model import Decoder, DecoderState
 from capcli.vocab import END, PAD, START, UNK
 
 BANNED = (PAD, START, UNK)
@@ -134,7 +134,9 @@ def beam_search(
         words = word[keep]  # (n*K,)
         history = torch.cat([history[rows], words.unsqueeze(1)], dim=1)  # (n*K, t+1)
         attention = torch.cat([attention[rows], alpha[rows].unsqueeze(1)], dim=1)  # (n*K, t+1, L)
-        state = state.select(rows)
+        # A beam's parent is a beam of the same image, whose K rows share features and keys:
+        # only the recurrent state moves (copying the features every step would dominate).
+        state = DecoderState(state.h[rows], None if state.c is None else state.c[rows], state.features, state.keys)
 
         # Images with K finished hypotheses leave the batch.
         finished = torch.tensor([len(done[b]) >= K for b in images], device=dev)  # (n,)

@@ -394,7 +394,9 @@ class Trainer:
             "epochs": self.epoch, "best_epoch": self.best_epoch,
             "val_bleu4": None if self.best_score == float("-inf") else self.best_score,
             "train_images": len(self.train_samples), "train_captions": len(self.train_set),
-            "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, **extra,
+            "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
+            "options": {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "data", "captions", "images")},
+            **extra,
         }
         if self.ctx.enabled:
             summary["processes"] = self.ctx.world_size

@@ -21,10 +21,11 @@ def test_own_lite0_matches_timm_output_for_output():
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
     # Same parameter names: timm's state dict loads into ours, strictly.
     ours.backbone.load_state_dict(reference.state_dict())
+    reference.to(memory_format=torch.channels_last)  # ours runs channels-last: the same convolution kernels
     for shape in ((2, 3, 224, 224), (1, 3, 97, 130)):  # odd sizes exercise TF 'SAME' padding
         x = torch.randn(shape)
         with torch.no_grad():
-            expected = reference.forward_features(x).flatten(2).transpose(1, 2)
+            expected = reference.forward_features(x.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)
             got = ours(x)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
