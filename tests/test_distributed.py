@@ -32,10 +32,6 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 TRAIN = ["--batch-size", "16", "--lr", "3e-3", "--min-freq", "1", "--split", "80/20/0", "--device", "cpu",
          "--save-every", "0", "--label-smoothing", "0.1", *SMALL, "--dropout", "0"]
 IMAGES = 48  # make_shapes_dataset: 4 colours x 2 shapes x 6
-# Softmax ignores a constant added to every score, so the additive attention's output bias has a
-# gradient that is only rounding noise; Adam turns noise into full-size steps, so this one weight
-# differs between any two summation orders (and changes nothing the model computes).
-NOISE_ONLY = {"decoder.attention.v.bias"}
 
 
 def _env(**extra) -> dict:
@@ -213,14 +209,20 @@ def test_feature_cache_is_encoded_once_across_ranks_and_completed_in_every_folde
 
 def test_two_processes_train_like_one_process_with_the_same_global_batch_and_resume(shapes_dir, tmp_path):
     """torchrun, 2 gloo processes, --batch-size 16 global: finishes; parameters identical on both
-    ranks after every step (CAPCLI_DEBUG_SYNC_CHECK); losses and weights those of one process with
-    --batch-size 16; the feature cache is encoded half by each rank; only rank 0 writes metrics,
-    checkpoints and the result line; --resume under torchrun goes on where it stopped."""
-    one, two = tmp_path / "one", tmp_path / "two"
-    single = _capcli(["train", "--data", str(shapes_dir), "-o", str(one), "--epochs", "3", *TRAIN])
+    ranks after every step (CAPCLI_DEBUG_SYNC_CHECK); the first epoch's losses and weights are those
+    of one process with --batch-size 16; the feature cache is encoded half by each rank; only rank 0
+    writes metrics, checkpoints and the result line; --resume under torchrun ends with exactly the
+    weights of an uninterrupted torchrun run.
+
+    Only the first epoch is compared with one process: the two sum the gradient in a different
+    order, and Adam amplifies that rounding noise step by step (measured: relative loss difference
+    8e-7 after epoch 1, 3e-5 after epoch 2, 1e-4 after epoch 3), so later epochs drift apart
+    without anything being wrong."""
+    one, two, straight = tmp_path / "one", tmp_path / "two", tmp_path / "straight"
+    single = _capcli(["train", "--data", str(shapes_dir), "-o", str(one), "--epochs", "1", *TRAIN])
     assert single.returncode == 0, single.stderr
 
-    run = _torchrun(["train", "--data", str(shapes_dir), "-o", str(two), "--epochs", "2", *TRAIN],
+    run = _torchrun(["train", "--data", str(shapes_dir), "-o", str(two), "--epochs", "1", *TRAIN],
                     env=_env(CAPCLI_DEBUG_SYNC_CHECK="1"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines() == [run.stdout.strip()] and run.stdout.startswith(str(two / "best.safetensors"))
@@ -230,31 +232,36 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch_and_res
     assert "sync check: the parameters of all 2 processes were identical after each of" in err
     checked = int(err.split("identical after each of ")[1].split()[0])
     per_epoch = -(-json.loads(_meta_training(one / "last.safetensors"))["train_captions"] // 16)
-    assert checked == 2 * per_epoch
+    assert checked == per_epoch
     assert f"caching features of {IMAGES} images on 2 processes ({IMAGES // 2} each at most)" in err
     assert f"cached features of {IMAGES // 2} images" in err  # rank 0 encoded its half
     (f1,), (f2,) = one.glob("features-*.f16"), two.glob("features-*.f16")
     assert f1.name == f2.name and f1.read_bytes() == f2.read_bytes()  # same batches of 4, same numbers
     assert json.loads(f2.with_suffix(".json").read_text()) == {"done": IMAGES, "bad": {}}
 
-    m1, m2 = _metrics(one), _metrics(two)
-    assert [m["epoch"] for m in m2] == [1, 2]  # one writer
-    for a, b in zip(m1, m2):
-        for key in ("train_loss", "val_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), (a["epoch"], key)
-        assert b["lr"] == a["lr"] and b["best"] == a["best"]
-
-    again = _torchrun(["train", "--resume", str(two), "--epochs", "3"], env=_env(CAPCLI_DEBUG_SYNC_CHECK="1"))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming" in again.stderr and "after epoch 2" in again.stderr
-    m2 = _metrics(two)
-    assert [m["epoch"] for m in m2] == [1, 2, 3]
-    assert m2[2]["train_loss"] == pytest.approx(m1[2]["train_loss"], rel=1e-5)
+    (m1,), (m2,) = _metrics(one), _metrics(two)  # one line each: rank 0 alone writes
+    for key in ("train_loss", "val_loss"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
+    assert m2["lr"] == m1["lr"] and m2["best"] == m1["best"]
+    # Weights: close as a whole, tensor by tensor. Not element by element: where a weight's true
+    # gradient is ~0, what remains is rounding noise, and Adam scales any gradient to a step of
+    # about the learning rate, so single elements may differ by a few 1e-4.
     w1, w2 = _weights(one / "last.safetensors"), _weights(two / "last.safetensors")
     assert w1.keys() == w2.keys()
     for k in w1:
-        if k not in NOISE_ONLY:
-            torch.testing.assert_close(w2[k], w1[k], atol=2e-4, rtol=1e-3, msg=k)
+        if w1[k].is_floating_point():
+            assert float((w2[k] - w1[k]).norm()) <= 1e-3 * float(w1[k].norm()) + 1e-6, k
+
+    again = _torchrun(["train", "--resume", str(two), "--epochs", "2"], env=_env(CAPCLI_DEBUG_SYNC_CHECK="1"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr and "after epoch 1" in again.stderr
+    uninterrupted = _torchrun(["train", "--data", str(shapes_dir), "-o", str(straight), "--epochs", "2", *TRAIN])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert [m["epoch"] for m in _metrics(two)] == [1, 2]
+    assert [m["train_loss"] for m in _metrics(two)] == [m["train_loss"] for m in _metrics(straight)]
+    w2, w3 = _weights(two / "last.safetensors"), _weights(straight / "last.safetensors")
+    for k in w3:
+        assert torch.equal(w2[k], w3[k]), k
     assert not list(two.glob("features-*.part-*"))
 
 
