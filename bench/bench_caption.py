@@ -6,6 +6,7 @@ Prints one line per figure:
   encoder-only bound    images/s of the encoder alone on preprocessed images, at its best batch size
   pipeline beam 1 / 3   images/s of Captioner.caption_stream over the image files (decode + encode + search)
   one-at-a-time loop    images/s captioning one image per call, model loaded once (beam 3)
+  (these three: medians of --repeat interleaved runs, with their spread)
   ratios                pipeline / bound, pipeline / loop
   cold start            wall seconds of `capcli caption one.jpg` in a fresh process (best and median of 3)
   peak memory           max RSS of `capcli beam` over 1000 image paths (streamed from stdin)
@@ -37,13 +38,17 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=200, help="images per throughput measurement")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions of the throughput figures (medians reported)")
     ap.add_argument("--skip-process", action="store_true", help="skip the cold-start and memory figures")
     args = ap.parse_args()
 
     import torch
 
     from capcli.api import Captioner, default_model_path
+    from capcli.cli import keep_freed_memory
     from capcli.data import image_to_tensor, load_image
+
+    keep_freed_memory()  # as the capcli command does
 
     model_path = Path(args.model) if args.model else default_model_path()
     paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.n]
@@ -58,44 +63,51 @@ def main() -> None:
         if cap.device.type == "cuda":
             torch.cuda.synchronize()
 
-    # (a) the bound: the encoder alone, images already decoded and resized
-    x = torch.stack([image_to_tensor(load_image(p), cfg.image_size, cfg.mean, cfg.std) for p in paths])
-    best_rate, best_batch = 0.0, 1
-    with torch.inference_mode():
-        for b in (1, 2, 4, 8, 16, 32, 64):
-            cap.model.encoder(x[:b].to(cap.device))  # warm-up
-            sync()
-            t = time.perf_counter()
-            for k in range(0, len(x), b):
-                cap.model.encoder(x[k:k + b].to(cap.device))
-            sync()
-            rate = len(x) / (time.perf_counter() - t)
-            if rate > best_rate:
-                best_rate, best_batch = rate, b
-    line("encoder-only bound", best_rate, "images/s", f"(best batch {best_batch})")
-
-    # the pipeline, as `capcli caption/beam` runs it
-    rates = {}
-    list(cap.caption_stream(paths, beam_size=1, batch_size=args.batch_size))  # warm-up: files in the page cache
-    for k in (1, 3):
+    def timed(fn, n: int) -> float:
+        """images/s of fn() over n images"""
         sync()
         t = time.perf_counter()
-        results = list(cap.caption_stream(paths, beam_size=k, batch_size=args.batch_size))
+        fn()
         sync()
-        rates[k] = len(results) / (time.perf_counter() - t)
-        line(f"pipeline beam {k}", rates[k], "images/s", f"({rates[k] / best_rate:.2f}x the encoder bound)")
+        return n / (time.perf_counter() - t)
 
-    # (b) one image at a time, model loaded once
+    # (a) the bound: the encoder alone, images already decoded and resized
+    x = torch.stack([image_to_tensor(load_image(p), cfg.image_size, cfg.mean, cfg.std) for p in paths]).to(cap.device)
+
+    @torch.inference_mode()
+    def encoder_only(b: int) -> None:
+        for k in range(0, len(x), b):
+            cap.model.encoder(x[k:k + b])
+
+    rates_by_batch = {}
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        encoder_only(b)  # warm-up: oneDNN builds its kernels for this shape
+        rates_by_batch[b] = timed(lambda: encoder_only(b), len(x))
+    best_batch = max(rates_by_batch, key=rates_by_batch.get)
+
+    # The pipeline as `capcli caption/beam` runs it, and (b) a loop captioning one image per call.
+    # This machine's speed wanders by +-20% from one second to the next, so the measurements are
+    # interleaved, repeated, and the medians compared.
     few = paths[: max(20, len(paths) // 4)]
-    sync()
-    t = time.perf_counter()
-    for p in few:
-        cap.caption([p], beam_size=3)
-    sync()
-    loop = len(few) / (time.perf_counter() - t)
-    line("one-at-a-time loop beam 3", loop, "images/s")
+    list(cap.caption_stream(paths, beam_size=1, batch_size=args.batch_size))  # warm-up: files in the page cache
+    runs: dict[str, list[float]] = {"bound": [], "beam 1": [], "beam 3": [], "loop": []}
+    for _ in range(args.repeat):
+        runs["bound"].append(timed(lambda: encoder_only(best_batch), len(x)))
+        for k in (1, 3):
+            runs[f"beam {k}"].append(timed(lambda: list(cap.caption_stream(paths, beam_size=k, batch_size=args.batch_size)), len(paths)))
+        runs["loop"].append(timed(lambda: [cap.caption([p], beam_size=3) for p in few], len(few)))
+    bound, loop = (statistics.median(runs[k]) for k in ("bound", "loop"))
+    rates = {k: statistics.median(runs[f"beam {k}"]) for k in (1, 3)}
+
+    def spread(key: str) -> str:
+        return f"min {min(runs[key]):.1f}, max {max(runs[key]):.1f}"
+
+    line("encoder-only bound", bound, "images/s", f"(batch {best_batch}; median of {args.repeat}, {spread('bound')})")
+    for k in (1, 3):
+        line(f"pipeline beam {k}", rates[k], "images/s", f"({rates[k] / bound:.2f}x the encoder bound; {spread(f'beam {k}')})")
+    line("one-at-a-time loop beam 3", loop, "images/s", f"({spread('loop')})")
     line("pipeline beam 3 / loop", rates[3] / loop, "x")
-    line("pipeline beam 3 / encoder bound", rates[3] / best_rate, "x")
+    line("pipeline beam 3 / encoder bound", rates[3] / bound, "x")
 
     if args.skip_process:
         return
