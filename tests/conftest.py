@@ -7,6 +7,7 @@ and the shape, so a model can learn them in seconds from real Lite0 features.
 from __future__ import annotations
 
 import csv
+import logging
 import random
 from pathlib import Path
 
@@ -59,6 +60,20 @@ def make_shapes_dataset(root: Path, per_class: int = 6, size: int = 64) -> Path:
         w.writerow(["image", "caption"])
         w.writerows(rows)
     return root
+
+
+@pytest.fixture
+def capcli_log(monkeypatch):
+    """Let caplog see the "capcli" logger even after a CLI run made it stop propagating."""
+    log = logging.getLogger("capcli")
+    monkeypatch.setattr(log, "handlers", [])
+    monkeypatch.setattr(log, "propagate", True)
+    monkeypatch.setattr(log, "level", logging.NOTSET)
+    return log
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "capcli" and r.levelno == logging.WARNING]
 
 
 @pytest.fixture(scope="session")

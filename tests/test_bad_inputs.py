@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import os
 import pickle
 import random
@@ -101,19 +100,9 @@ from capcli.cli import app
 from capcli.data import ImageError, expand_paths, load_dataset, load_image, read_caption_table
 from capcli.errors import CapcliError
 from capcli.vocab import tokenize
+from conftest import warnings_of
 
-
-@pytest.fixture(autouse=True)
-def capcli_log(monkeypatch):
-    """Let caplog see the "capcli" logger even after a CLI run made it stop propagating."""
-    log = logging.getLogger("capcli")
-    monkeypatch.setattr(log, "handlers", [])
-    monkeypatch.setattr(log, "propagate", True)
-    monkeypatch.setattr(log, "level", logging.NOTSET)
-
-
-def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "capcli" and r.levelno == logging.WARNING]
+pytestmark = pytest.mark.usefixtures("capcli_log")  # caplog sees capcli's warnings
 
 
 def one_line_error(excinfo, path: Path) -> str:

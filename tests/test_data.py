@@ -23,6 +23,9 @@ from capcli.data import (
     split_counts,
 )
 from capcli.errors import CapcliError
+from conftest import warnings_of
+
+pytestmark = pytest.mark.usefixtures("capcli_log")  # caplog sees capcli's warnings
 
 
 # --------------------------------------------------------------------------- helpers
@@ -47,20 +50,6 @@ def write_csv(path: Path, rows, header=("image", "caption")) -> Path:
 
 def by_name(samples):
     return {s.image_path.name: s for s in samples}
-
-
-@pytest.fixture(autouse=True)
-def capcli_log(monkeypatch):
-    """Let caplog see the "capcli" logger even after a CLI run made it stop propagating."""
-    log = logging.getLogger("capcli")
-    monkeypatch.setattr(log, "handlers", [])
-    monkeypatch.setattr(log, "propagate", True)
-    monkeypatch.setattr(log, "level", logging.NOTSET)
-    return log
-
-
-def warnings_of(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "capcli" and r.levelno == logging.WARNING]
 
 
 # --------------------------------------------------------------------------- Kaggle Flickr8k
