@@ -12,7 +12,7 @@ line where there is one; through the CLI exit 2 and one stderr line "capcli: ...
   truncated JPEG (in the data or header) ImageError "truncated or corrupt image data"
   text file named .jpg                   ImageError "not an image (unrecognised format)"
   directory named .jpg                   ImageError "is a directory" (as a CLI argument it is a folder: searched)
-  unreadable file (chmod 000, non-root)  ImageError "permission denied"
+  unreadable file (chmod 000)            ImageError "permission denied"
   missing file                           ImageError "no such file"
   dangling symlink                       ImageError "no such file"
   symlink loop (file link to itself)     ImageError "too many levels of symbolic links"
@@ -77,7 +77,7 @@ line where there is one; through the CLI exit 2 and one stderr line "capcli: ...
   metadata vocabulary not a vocabulary   E "vocabulary: vocabulary must start with <pad> <start> <end> <unk>" /
                                            "vocabulary: not a capcli vocabulary" / "damaged capcli metadata"
   built for another encoder              E "this model was built for the lite0 encoder, not resnet50"
-  unreadable (chmod 000, non-root)       E "permission denied"
+  unreadable (chmod 000)                 E "permission denied"
  With --debug the CLI lets the exception through (a traceback) instead of the one line.
 """
 
@@ -112,14 +112,25 @@ def one_line_error(excinfo, path: Path) -> str:
     return message[len(str(path)):]
 
 
-def unreadable(path: Path) -> bool:
-    """chmod 000 the file; False when that does not stop reading it (running as root)."""
+def make_unreadable(path: Path, monkeypatch) -> None:
+    """chmod 000 the file. Root reads it all the same; then opening it raises what the kernel
+    gives everyone else, PermissionError (errno 13), from open() itself."""
+    import builtins
+
     os.chmod(path, 0)
     try:
         with open(path, "rb"):
-            return False
+            pass
     except PermissionError:
-        return True
+        return
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == path:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
 
 
 # =========================================================================== images
@@ -215,10 +226,9 @@ def test_bad_images_raise_image_error_with_a_one_line_reason(tmp_path):
         assert str(e.value) == reason, name
 
 
-def test_unreadable_image(tmp_path):
+def test_unreadable_image(tmp_path, monkeypatch):
     path = save(rgb(), tmp_path / "secret.png")
-    if not unreadable(path):
-        pytest.skip("running as root: chmod 000 does not stop reading")
+    make_unreadable(path, monkeypatch)
     with pytest.raises(ImageError, match="^permission denied$"):
         load_image(path)
 
@@ -639,11 +649,10 @@ def test_model_for_another_encoder(trained_model):
     assert load_model(trained_model, encoder="lite0").model.cfg.encoder == "lite0"
 
 
-def test_unreadable_model(trained_model, tmp_path):
+def test_unreadable_model(trained_model, tmp_path, monkeypatch):
     path = tmp_path / "locked.safetensors"
     path.write_bytes(trained_model.read_bytes())
-    if not unreadable(path):
-        pytest.skip("running as root: chmod 000 does not stop reading")
+    make_unreadable(path, monkeypatch)
     with pytest.raises(CapcliError) as e:
         load_model(path)
     assert one_line_error(e, path) == ": permission denied"
