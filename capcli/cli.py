@@ -175,12 +175,17 @@ def keep_freed_memory() -> None:
 
 def _quiet_broken_pipe() -> None:
     """The reader went away (`| head -1`): stop quietly, as Unix tools do."""
+    _silence_stdout()
+    raise typer.Exit(0)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so Python's last flush of it cannot fail again."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
-    raise typer.Exit(0)
 
 
 @app.callback()
@@ -506,9 +511,17 @@ def evaluate(
 
 def main() -> None:
     try:
-        app()
-    except BrokenPipeError:
-        _quiet_broken_pipe()
+        app()  # standalone mode: always ends in SystemExit
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    except BrokenPipeError:  # the reader went away while Python flushed stdout on the way out
+        _silence_stdout()
+        code = 0
+    dist = sys.modules.get("capcli.distributed")  # imported only by training
+    if dist is not None and dist.joined_a_group():
+        dist.exit_process(code if isinstance(code, int) else 1)  # see there: torchrun workers skip shutdown
+    sys.exit(code)
 
 
 if __name__ == "__main__":

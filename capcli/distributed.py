@@ -15,10 +15,11 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, NoReturn, Sequence, TypeVar
 
 import torch
 
@@ -29,6 +30,8 @@ log = logging.getLogger("capcli")
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 1800.0
+
+_joined = False  # see exit_process
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,9 @@ def setup() -> DistContext:
         backend = "gloo"
     owns = not dist.is_initialized()  # else set up by the caller (a test, an API user): use it as it is
     if owns:
+        global _joined
         dist.init_process_group(backend=backend, timeout=timeout_from_env())
+        _joined = True
     else:
         backend = str(dist.get_backend())
     ctx = DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
@@ -112,11 +117,37 @@ def setup() -> DistContext:
 
 
 def cleanup(ctx: DistContext) -> None:
+    """End the process group on every rank together, after the last collective has finished."""
     if ctx.enabled and ctx.owns_group:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
+
+
+def joined_a_group() -> bool:
+    """Has this process started Gloo/NCCL threads (setup() joined a process group)?"""
+    return _joined
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that joined a process group, without Python's interpreter shutdown.
+
+    DistributedDataParallel keeps the group referenced from C++, so destroy_process_group() cannot
+    join Gloo's worker threads; one of them that drops the last reference to a finished collective
+    during shutdown takes the GIL, is torn down and aborts the process ("terminate called without
+    an active exception", SIGABRT), which torchrun reports as a failed job. Measured: 3 of 50 CPU
+    runs of the 2-process training test, after training had finished and everything was written.
+    Everything capcli writes is complete (checkpoints are renamed into place), so flush and leave.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def training_device(ctx: DistContext, name: str) -> torch.device:

@@ -309,3 +309,26 @@ def test_a_dead_or_hung_rank_stops_the_other_with_a_clear_error(shapes_dir, tmp_
         assert 4 < waited < 40
     else:
         assert waited < 40
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_a_process_that_joined_a_group_ends_without_interpreter_shutdown(tmp_path, joined):
+    """A torchrun worker skips Python's shutdown, where a Gloo thread still held by DDP can abort the
+    process (SIGABRT after a finished run); its output and exit code are what they would be anyway."""
+    marker = tmp_path / "shutdown-ran"
+    script = (f"import atexit, pathlib, sys\n"
+              f"from capcli import cli, distributed\n"
+              f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+              f"distributed._joined = {joined}\n"
+              f"sys.argv = ['capcli', *sys.argv[1:]]\n"
+              f"cli.main()\n")
+    ok = subprocess.run([sys.executable, "-c", script, "build-vocab", "--help"], capture_output=True, text=True,
+                        env=_env(), timeout=120)
+    assert ok.returncode == 0 and "--min-freq" in ok.stdout  # block-buffered into a pipe: flushed before leaving
+    assert marker.exists() is not joined
+    marker.unlink(missing_ok=True)
+    bad = subprocess.run([sys.executable, "-c", script, "build-vocab", "--data", str(tmp_path / "nowhere"), "-o",
+                          str(tmp_path / "v.json")], capture_output=True, text=True, env=_env(), timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("capcli: ")
+    assert str(tmp_path / "nowhere") in bad.stderr
+    assert marker.exists() is not joined
