@@ -17,7 +17,7 @@ from typing import Iterable, Iterator, Sequence
 import torch
 
 from capcli import checkpoint
-from capcli.data import ImageError, image_to_tensor, prefetch_images
+from capcli.data import ImageError, image_batches, image_to_tensor, normalize_pixels
 from capcli.errors import CapcliError
 from capcli.model import autocast, resolve_device
 from capcli.sampling import Hypothesis, beam_search, greedy
@@ -134,40 +134,21 @@ class Captioner:
     ) -> Iterator[CaptionResult]:
         """Caption a stream of image files, yielding results in input order as each batch finishes.
 
-        Three stages overlap: images load in background threads, the encoder runs on batch k+1
-        while a second thread searches captions for batch k. An unreadable image yields a result
-        with ``error`` set and the others go on.
+        Images load in ``workers`` threads: ahead of the model on a GPU, between batches on the
+        CPU (see data.image_batches). An unreadable image yields a result with ``error`` set and
+        the others go on.
         """
-        from concurrent.futures import ThreadPoolExecutor
-
         cfg = self.cfg
-        stream = prefetch_images((Path(p) for p in paths), cfg.image_size, cfg.mean, cfg.std, workers, ahead=2 * batch_size)
-
-        def batches():
-            items: list[tuple[Path, object]] = []
-            for item in stream:
-                items.append(item)
-                if len(items) >= batch_size:
-                    yield items
-                    items = []
-            if items:
-                yield items
-
-        def search(items, features):
-            hyps = iter(self.decode(features, beam_size, max_len, length_penalty, nbest) if features is not None else [])
-            return [CaptionResult(str(path), error=str(t)) if isinstance(t, ImageError) else self._result(str(path), next(hyps))
-                    for path, t in items]
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="capcli-search") as searcher:
-            running = None
-            for items in batches():
-                good = [t for _, t in items if not isinstance(t, ImageError)]
-                features = self.encode(torch.stack(good)) if good else None  # (n, L, D)
-                if running is not None:
-                    yield from running.result()
-                running = searcher.submit(search, items, features)
-            if running is not None:
-                yield from running.result()
+        for items in image_batches((Path(p) for p in paths), cfg.image_size, batch_size, workers,
+                                   overlap=self.device.type == "cuda"):
+            good = [t for _, t in items if not isinstance(t, ImageError)]
+            hyps = iter([])
+            if good:
+                pixels = torch.stack(good).to(self.device)  # (n, S, S, 3) uint8: a quarter of the bytes of floats
+                features = self.encode(normalize_pixels(pixels, cfg.mean, cfg.std))  # (n, L, D)
+                hyps = iter(self.decode(features, beam_size, max_len, length_penalty, nbest))
+            for path, t in items:
+                yield CaptionResult(str(path), error=str(t)) if isinstance(t, ImageError) else self._result(str(path), next(hyps))
 
     def caption(self, images: Sequence, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0,
                 nbest: int = 1, batch_size: int = 32) -> list[CaptionResult]:

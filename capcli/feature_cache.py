@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from capcli import checkpoint, distributed
-from capcli.data import prefetch_images
+from capcli.data import ImageError, image_batches, normalize_pixels
 from capcli.distributed import DistContext
 from capcli.model import ModelConfig, autocast
 from capcli.progress import Reporter
@@ -144,8 +144,6 @@ class FeatureCache:
         mine = torch.zeros(self.shape[0], dtype=torch.bool)  # what this call did, for a part record
         my_bad: dict[int, str] = {}
         reporter.start(description, len(rows), unit="images")
-        batch_idx: list[int] = []
-        batch: list[torch.Tensor] = []
         last_save = time.time()
         fd = os.open(self.data_path, os.O_RDWR)
 
@@ -155,36 +153,29 @@ class FeatureCache:
             else:
                 checkpoint.atomic_write_bytes(self.part_path(part), self._record(mine, my_bad, main=False))
 
-        def flush():
-            if batch:
-                x = torch.stack(batch).to(device)  # (b, 3, S, S)
-                with torch.no_grad(), autocast(device):
-                    f = encoder(x)  # (b, L, D)
-                self.write_rows(fd, batch_idx, f)
-                self.have[batch_idx] = True
-                mine[batch_idx] = True
-            reporter.update(len(batch_idx))
-            batch_idx.clear()
-            batch.clear()
-
+        batches = image_batches([paths[r] for r in rows], cfg.image_size, batch_size, workers,
+                                overlap=device.type == "cuda")
         try:
-            for i, (path, item) in zip(rows, prefetch_images([paths[r] for r in rows], cfg.image_size, cfg.mean, cfg.std, workers)):
-                if isinstance(item, Exception):
-                    if batch:
-                        flush()
-                    self.bad[i] = my_bad[i] = f"{path}: {item}"
-                    self.have[i] = mine[i] = True
-                    reporter.update(1)
-                    continue
-                batch_idx.append(i)
-                batch.append(item)
-                if len(batch) >= batch_size:
-                    flush()
-                    if time.time() - last_save > 30:
-                        os.fsync(fd)
-                        save_progress()
-                        last_save = time.time()
-            flush()
+            for start, items in zip(range(0, len(rows), batch_size), batches):
+                good_rows, good = [], []
+                for i, (path, item) in zip(rows[start:start + batch_size], items):
+                    if isinstance(item, ImageError):
+                        self.bad[i] = my_bad[i] = f"{path}: {item}"
+                    else:
+                        good_rows.append(i)
+                        good.append(item)
+                if good:
+                    x = normalize_pixels(torch.stack(good).to(device), cfg.mean, cfg.std)  # (b, 3, S, S)
+                    with torch.no_grad(), autocast(device):
+                        f = encoder(x)  # (b, L, D)
+                    self.write_rows(fd, good_rows, f)
+                rows_done = rows[start:start + len(items)]
+                self.have[rows_done] = mine[rows_done] = True
+                reporter.update(len(items))
+                if time.time() - last_save > 30:
+                    os.fsync(fd)
+                    save_progress()
+                    last_save = time.time()
         finally:
             os.fsync(fd)  # the rows reach the file before the record says they are there
             os.close(fd)

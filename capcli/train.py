@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from capcli import checkpoint, distributed
-from capcli.data import Sample, load_dataset, parse_split_ratios, prefetch_images, split_counts
+from capcli.data import ImageError, Sample, image_batches, load_dataset, normalize_pixels, parse_split_ratios, split_counts
 from capcli.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
 from capcli.evaluate import score_captions
@@ -426,18 +426,19 @@ class Trainer:
         """Fine-tuning: the batch's distinct images (n_img, 3, S, S) and each caption's row among them (N,)."""
         samples = self.train_samples + self.val_samples
         unique = sorted(set(images))
-        tensors = []
-        for path, item in prefetch_images([samples[i].image_path for i in unique], self.model.cfg.image_size,
-                                          self.model.cfg.mean, self.model.cfg.std, self.cfg.workers):
-            if isinstance(item, Exception):
+        cfg = self.model.cfg
+        items = next(image_batches([samples[i].image_path for i in unique], cfg.image_size, len(unique),
+                                   self.cfg.workers, overlap=False))
+        for path, item in items:
+            if isinstance(item, ImageError):
                 raise CapcliError(f"{path}: {item}", exit_code=1)
-            tensors.append(item)
-        x = torch.stack(tensors)  # (n_img, 3, S, S)
+        pixels = torch.stack([item for _, item in items])  # (n_img, S, S, 3) uint8
         if self.device.type == "cuda":
-            x = x.pin_memory()
+            pixels = pixels.pin_memory()
+        x = normalize_pixels(pixels.to(self.device, non_blocking=True), cfg.mean, cfg.std)  # (n_img, 3, S, S)
         where = {img: k for k, img in enumerate(unique)}
         rows = torch.tensor([where[i] for i in images])
-        return x.to(self.device, non_blocking=True), rows.to(self.device, non_blocking=True)
+        return x, rows.to(self.device, non_blocking=True)
 
     def _batch_features(self, images: list[int], train: bool) -> torch.Tensor:
         """Encoder features (N, L, D) for cache rows / image indices ``images``."""

@@ -388,3 +388,68 @@ def test_flickr8k_mini(mini_dir):
     counts = split_counts(samples)
     assert counts["train"] > 650 and counts["val"] > 10 and counts["test"] > 10
     assert all(s.split == hash_split(s.image_path.name) for s in samples)
+
+
+# --------------------------------------------------------------------------- images for the model
+
+def test_pixels_are_normalised_channel_by_channel_into_channels_last_memory():
+    import torch
+    from PIL import Image
+
+    from capcli.data import image_to_pixels, image_to_tensor, normalize_pixels
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    img = Image.new("RGB", (10, 6), (255, 128, 0))
+    pixels = image_to_pixels(img, 4)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 4, 3)
+    assert pixels.reshape(-1, 3).tolist() == [[255, 128, 0]] * 16
+    x = normalize_pixels(torch.stack([pixels, 255 - pixels]), mean, std)  # (2, 3, 4, 4)
+    assert x.shape == (2, 3, 4, 4) and x.is_contiguous(memory_format=torch.channels_last)
+    for b, rgb in enumerate([(255, 128, 0), (0, 127, 255)]):
+        for c in range(3):
+            want = (rgb[c] / 255 - mean[c]) / std[c]
+            torch.testing.assert_close(x[b, c], torch.full((4, 4), want), rtol=0, atol=1e-6)
+    assert torch.equal(image_to_tensor(img, 4, mean, std), x[0])
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_image_batches_keep_order_and_errors_in_place_and_load_at_most_one_batch_ahead(tmp_path, monkeypatch, overlap):
+    """overlap=False (the CPU): nothing loads while the caller works on a batch; overlap=True (a
+    GPU): the next batch, and no more, loads meanwhile."""
+    import threading
+    import time
+
+    from PIL import Image
+
+    import capcli.data as data
+
+    paths = []
+    for k in range(8):
+        paths.append(tmp_path / f"{k}.png")
+        if k != 3:  # 3.png is missing
+            Image.new("RGB", (9, 7), (k * 30, 0, 0)).save(paths[-1])
+    loaded, lock = [], threading.Lock()
+    real_load = data.load_image
+
+    def counting_load(path, draft_size=None):
+        with lock:
+            loaded.append(Path(path).name)
+        return real_load(path, draft_size)
+
+    monkeypatch.setattr(data, "load_image", counting_load)
+    batches = data.image_batches(iter(paths), 5, batch_size=3, workers=2, overlap=overlap)
+    first = next(batches)
+    deadline = time.time() + 5
+    while overlap and len(loaded) < 6 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # anything else that were to load would have started by now
+    assert len(loaded) == (6 if overlap else 3)
+    rest = list(batches)
+    assert [len(b) for b in [first, *rest]] == [3, 3, 2]
+    items = [item for b in [first, *rest] for item in b]
+    assert [p for p, _ in items] == paths
+    for k, (_, item) in enumerate(items):
+        if k == 3:
+            assert isinstance(item, data.ImageError) and "no such file" in str(item)
+        else:
+            assert item.shape == (5, 5, 3) and item[..., 0].unique().tolist() == [k * 30]
