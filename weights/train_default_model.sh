@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds weights/capcli-lite0-flickr8k-mini.safetensors from flickr8k-mini, on the CPU
-# (about 2 minutes on 2 cores: ~18 s of feature caching, then ~6 s per epoch; early stop after 14 epochs).
-# Settings chosen as weights/README.md describes; the same machine gives a bit-identical model.
+# (about 2 minutes on 2 cores: ~10 s of feature caching, then ~6 s per epoch; early stop after 14 epochs).
+# Settings chosen as weights/README.md describes; the same machine gives bit-identical tensors and metadata.
 #   weights/train_default_model.sh [DATA_DIR] [RUN_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
