@@ -619,8 +619,8 @@ def image_batches(
     loads while the caller computes. There the model already keeps every core busy; loader threads
     beside it made the encoder ~1.6x slower, for the little time they save (measured on 2 cores:
     beam 3 went from 0.6x to 0.8x of the encoder-only bound). Loader threads never run torch
-    arithmetic: a thread that does gets its own OpenMP team, and all the extra threads slowed the
-    model's every operation by as much, even while the loaders sat idle.
+    arithmetic: a thread that does gets its own OpenMP team, and those extra threads slowed every
+    model operation about as much, even while the loaders sat idle.
     At most two batches are in memory: a folder of any size streams in bounded memory.
     """
     from concurrent.futures import ThreadPoolExecutor
