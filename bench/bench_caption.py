@@ -45,8 +45,9 @@ def main() -> None:
     import torch
 
     from capcli.api import Captioner, default_model_path
+    from capcli.sampling import DecodeOptions
     from capcli.cli import keep_freed_memory
-    from capcli.data import image_to_tensor, load_image
+    from capcli.images import image_to_tensor, load_image
 
     keep_freed_memory()  # as the capcli command does
 
@@ -89,12 +90,12 @@ def main() -> None:
     # This machine's speed wanders by +-20% from one second to the next, so the measurements are
     # interleaved, repeated, and the medians compared.
     few = paths[: max(20, len(paths) // 4)]
-    list(cap.caption_stream(paths, beam_size=1, batch_size=args.batch_size))  # warm-up: files in the page cache
+    list(cap.caption_stream(paths, DecodeOptions(beam_size=1), batch_size=args.batch_size))  # warm-up: files in the page cache
     runs: dict[str, list[float]] = {"bound": [], "beam 1": [], "beam 3": [], "loop": []}
     for _ in range(args.repeat):
         runs["bound"].append(timed(lambda: encoder_only(best_batch), len(x)))
         for k in (1, 3):
-            runs[f"beam {k}"].append(timed(lambda: list(cap.caption_stream(paths, beam_size=k, batch_size=args.batch_size)), len(paths)))
+            runs[f"beam {k}"].append(timed(lambda: list(cap.caption_stream(paths, DecodeOptions(beam_size=k), batch_size=args.batch_size)), len(paths)))
         runs["loop"].append(timed(lambda: [cap.caption([p], beam_size=3) for p in few], len(few)))
     bound, loop = (statistics.median(runs[k]) for k in ("bound", "loop"))
     rates = {k: statistics.median(runs[f"beam {k}"]) for k in (1, 3)}

@@ -2,7 +2,8 @@
 
     from capcli import Captioner
     cap = Captioner.load("model.safetensors", device="cpu")   # or Captioner.load() for the shipped model
-    for r in cap.caption(["photo.jpg"], beam_size=3):
+    print(cap.caption("photo.jpg").caption)                    # one image -> one CaptionResult
+    for r in cap.caption(["a.jpg", "b.jpg"], beam_size=3):      # several -> a list, in order
         print(r.caption, r.score)
 """
 
@@ -10,17 +11,17 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import torch
 
 from capcli import checkpoint
-from capcli.data import ImageError, image_batches, image_to_tensor, normalize_pixels
+from capcli.devices import autocast, resolve_device
 from capcli.errors import CapcliError
-from capcli.model import autocast, resolve_device
-from capcli.sampling import Hypothesis, beam_search, greedy
+from capcli.images import ImageError, image_batches, image_to_tensor, normalize_pixels, to_rgb
+from capcli.sampling import DecodeOptions, Hypothesis, decode
 
 DEFAULT_MODEL_NAME = "capcli-lite0-flickr8k-mini.safetensors"
 
@@ -60,6 +61,7 @@ class CaptionResult:
 
 class Captioner:
     def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device):
+        self.loaded = loaded
         self.model, self.vocab, self.metadata = loaded.model, loaded.vocab, loaded.metadata
         self.device = device
         self.cfg = self.model.cfg
@@ -74,13 +76,7 @@ class Captioner:
     @property
     def training(self) -> dict:
         """The training summary stored in the model file (data, split, epochs, scores...)."""
-        import json
-
-        try:
-            training = json.loads(self.metadata.get("training") or "{}")
-        except ValueError:
-            return {}
-        return training if isinstance(training, dict) else {}
+        return self.loaded.training
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -101,11 +97,8 @@ class Captioner:
         return torch.cat(out)  # (N, L, D)
 
     @torch.inference_mode()
-    def decode(self, features: torch.Tensor, beam_size: int = 1, max_len: int = 30,
-               length_penalty: float = 1.0, nbest: int = 1) -> list[list[Hypothesis]]:
-        if beam_size <= 1 and nbest == 1:
-            return [[h] for h in greedy(self.model.decoder, features, max_len, length_penalty)]
-        return beam_search(self.model.decoder, features, max(beam_size, nbest), max_len, length_penalty, nbest)
+    def decode(self, features: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+        return decode(self.model.decoder, features, options)
 
     def _result(self, path: str | None, hyps: list[Hypothesis]) -> CaptionResult:
         h, w = self.grid
@@ -125,17 +118,14 @@ class Captioner:
     def caption_stream(
         self,
         paths: Iterable[str | Path],
-        beam_size: int = 1,
-        max_len: int = 30,
-        length_penalty: float = 1.0,
-        nbest: int = 1,
+        options: DecodeOptions = DecodeOptions(),
         batch_size: int = 32,
         workers: int = 2,
     ) -> Iterator[CaptionResult]:
         """Caption a stream of image files, yielding results in input order as each batch finishes.
 
         Images load in ``workers`` threads: ahead of the model on a GPU, between batches on the
-        CPU (see data.image_batches). An unreadable image yields a result with ``error`` set and
+        CPU (see images.image_batches). An unreadable image yields a result with ``error`` set and
         the others go on.
         """
         cfg = self.cfg
@@ -146,23 +136,37 @@ class Captioner:
             if good:
                 pixels = torch.stack(good).to(self.device)  # (n, S, S, 3) uint8: a quarter of the bytes of floats
                 features = self.encode(normalize_pixels(pixels, cfg.mean, cfg.std))  # (n, L, D)
-                hyps = iter(self.decode(features, beam_size, max_len, length_penalty, nbest))
+                hyps = iter(self.decode(features, options))
             for path, t in items:
                 yield CaptionResult(str(path), error=str(t)) if isinstance(t, ImageError) else self._result(str(path), next(hyps))
 
-    def caption(self, images: Sequence, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0,
-                nbest: int = 1, batch_size: int = 32) -> list[CaptionResult]:
-        """Caption image files or PIL images. Unreadable files give results with ``error`` set."""
-        if all(isinstance(i, (str, Path)) for i in images):
-            return list(self.caption_stream(images, beam_size, max_len, length_penalty, nbest, batch_size))
-        from capcli.data import to_rgb
+    def caption(self, images, options: DecodeOptions | None = None, batch_size: int = 32, **decode_options):
+        """Caption one image or several: a path (str or Path) or a PIL image gives one CaptionResult;
+        an iterable of them gives a list, in order. Unreadable files give results with ``error`` set.
 
-        cfg, results = self.cfg, []
-        for k in range(0, len(images), batch_size):
-            chunk = images[k:k + batch_size]
-            if not all(hasattr(i, "convert") for i in chunk):
-                raise TypeError("images must be paths or PIL images")
-            x = torch.stack([image_to_tensor(to_rgb(i), cfg.image_size, cfg.mean, cfg.std) for i in chunk])  # (n, 3, S, S)
-            for hyps in self.decode(self.encode(x), beam_size, max_len, length_penalty, nbest):
-                results.append(self._result(None, hyps))
-        return results
+        ``decode_options`` (beam_size=3, nbest=..., max_len=..., length_penalty=...) change ``options``.
+        """
+        options = replace(options or DecodeOptions(), **decode_options)
+        single = isinstance(images, (str, os.PathLike)) or _is_pil(images)
+        items = [images] if single else list(images)
+        for item in items:
+            if not (isinstance(item, (str, os.PathLike)) or _is_pil(item)):
+                raise TypeError(f"images must be paths (str or Path) or PIL images, not {type(item).__name__}")
+        results: list[CaptionResult | None] = [None] * len(items)
+        files = [k for k, item in enumerate(items) if not _is_pil(item)]
+        for k, r in zip(files, self.caption_stream([items[k] for k in files], options, batch_size)):
+            results[k] = r
+        pictures = [k for k, item in enumerate(items) if _is_pil(item)]
+        cfg = self.cfg
+        for start in range(0, len(pictures), batch_size):
+            chunk = pictures[start:start + batch_size]
+            x = torch.stack([image_to_tensor(to_rgb(items[k]), cfg.image_size, cfg.mean, cfg.std) for k in chunk])  # (n, 3, S, S)
+            for k, hyps in zip(chunk, self.decode(self.encode(x), options)):
+                results[k] = self._result(None, hyps)
+        return results[0] if single else results
+
+
+def _is_pil(obj) -> bool:
+    from PIL import Image
+
+    return isinstance(obj, Image.Image)

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from capcli.files import atomic_write
+
 PANEL = 224  # longest side of one panel, in pixels
 LABEL = 22  # height of the strip under a panel that holds its word
 COLUMNS = 5
@@ -42,8 +44,6 @@ def render(image, words: Sequence[str], attention, panel: int = PANEL, columns: 
 def save(path: str | Path, image, words: Sequence[str], attention) -> Path:
     """Render and write a PNG; the words are also stored in its text chunk ``capcli:words``."""
     from PIL.PngImagePlugin import PngInfo
-
-    from capcli.checkpoint import atomic_write
 
     info = PngInfo()
     info.add_text("capcli:words", " ".join(words))

@@ -1,77 +1,16 @@
-"""Model files (safetensors + metadata), training state, and atomic writes."""
+"""Model files (one safetensors file: weights + config + vocabulary + provenance) and training state."""
 
 from __future__ import annotations
 
-import os
-import tempfile
+import json
 from pathlib import Path
 
+import torch
+
 from capcli.errors import CapcliError
-
-
-def _read_umask() -> int:
-    # os.umask can only be read by setting it; done once, at import, because the umask is
-    # process-wide: a file another thread created between the two calls would get mode 0666.
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return umask
-
-
-_UMASK = _read_umask()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    def write(tmp: Path) -> None:
-        tmp.write_bytes(data)
-
-    atomic_write(path, write)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers see the old file or the new, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_state_dict(path: str | Path) -> dict:
-    """Tensors from a .safetensors file, or from a .pt/.pth via torch.load(weights_only=True)."""
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise CapcliError(f"{path}: no such file")
-    try:
-        if _is_safetensors(path):
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except CapcliError:
-        raise
-    except Exception as e:
-        raise CapcliError(f"{path}: cannot read weights ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CapcliError(f"{path}: not a file of named tensors")
-    return state
-
-
-def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return len(head) == 9 and head[8:9] == b"{"
+from capcli.files import atomic_write, safetensors_header
+from capcli.model import CaptionModel, ModelConfig
+from capcli.vocab import Vocab
 
 
 # --------------------------------------------------------------------------- model files
@@ -82,9 +21,6 @@ FORMAT_VERSION = "1"
 
 def save_model(path, model, vocab, *, encoder_weights: str, training: dict | None = None, dtype=None) -> None:
     """Write weights + everything ``caption`` needs (config, vocabulary, provenance) as one .safetensors."""
-    import json
-
-    import torch
     from safetensors.torch import save_file
 
     tensors = {}
@@ -112,8 +48,6 @@ class LoadedModel:
 
     @property
     def training(self) -> dict:
-        import json
-
         try:
             training = json.loads(self.metadata.get("training") or "{}")
         except ValueError:
@@ -122,38 +56,26 @@ class LoadedModel:
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a capcli model file, after checking that it is one (no tensors read)."""
-    import json
-    import struct
+    """The metadata of a capcli model file, after checking that it is one (no tensors read).
 
+    The file is parsed as safetensors first; only a file that is not one is looked at again, to
+    say what it is instead (a pickle is never unpickled). A safetensors file starts with its
+    header length, so its first byte may be anything, 0x80 included.
+    """
     path = Path(path)
     if path.is_dir():
         raise CapcliError(f"{path}: is a directory, expected a .safetensors model file")
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-                raise CapcliError(
-                    f"{path}: is a pickled PyTorch file; capcli only loads .safetensors model files "
-                    f"and never unpickles (convert it with the tool that made it)"
-                )
-            if len(head) < 8:
-                raise CapcliError(f"{path}: not a capcli model (empty or truncated file)")
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8 or n > 100_000_000:
-                raise CapcliError(f"{path}: not a capcli model (not a safetensors file, or truncated)")
-            header = json.loads(f.read(n))
+        parsed = safetensors_header(path)
+        if parsed is None:
+            raise CapcliError(f"{path}: {_not_safetensors_reason(path)}")
     except FileNotFoundError:
         raise CapcliError(f"{path}: no such file") from None
     except PermissionError:
         raise CapcliError(f"{path}: permission denied") from None
     except OSError as e:
         raise CapcliError(f"{path}: cannot read ({e.strerror or e.__class__.__name__})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CapcliError(f"{path}: not a capcli model (not a safetensors file, or corrupt)") from None
-    if not isinstance(header, dict):
-        raise CapcliError(f"{path}: not a capcli model (not a safetensors file, or corrupt)")
+    header, n, size = parsed
     metadata = header.get("__metadata__")
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
         raise CapcliError(f"{path}: a safetensors file, but not a capcli model (no capcli metadata)")
@@ -168,15 +90,20 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     return metadata
 
 
+def _not_safetensors_reason(path: Path) -> str:
+    """Why a file that does not parse as safetensors is refused, worded from its first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save's zip archive, or a bare pickle
+        return ("is a pickled PyTorch file; capcli only loads .safetensors model files "
+                "and never unpickles (convert it with the tool that made it)")
+    if len(head) < 8:
+        return "not a capcli model (empty or truncated file)"
+    return "not a capcli model (not a safetensors file, or truncated)"
+
+
 def load_model(path: str | Path, device: str = "cpu", *, encoder: str | None = None) -> LoadedModel:
     """Load and validate a capcli model file; every problem becomes a one-line CapcliError."""
-    import json
-
-    import torch
-
-    from capcli.model import CaptionModel, ModelConfig
-    from capcli.vocab import Vocab
-
     path = Path(path)
     metadata = read_metadata(path)
     try:
@@ -200,7 +127,7 @@ def load_model(path: str | Path, device: str = "cpu", *, encoder: str | None = N
     except Exception as e:
         raise CapcliError(f"{path}: corrupt model file ({_first_line(e) or e.__class__.__name__})") from None
     try:
-        model = CaptionModel.from_config(cfg)
+        model = CaptionModel(cfg)
     except CapcliError as e:  # e.g. an encoder name this capcli does not know
         raise CapcliError(f"{path}: {e.message}") from None
     except (TypeError, ValueError, RuntimeError) as e:  # a config value of the wrong type or range
@@ -227,14 +154,10 @@ def _first_line(e: BaseException) -> str:
 
 def save_train_state(path: Path, state: dict) -> None:
     """Optimizer, scheduler, counters and RNG for --resume: plain tensors and numbers, no objects."""
-    import torch
-
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_train_state(path: Path) -> dict:
-    import torch
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

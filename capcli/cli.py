@@ -219,7 +219,7 @@ def build_vocab(
     split: SplitOpt = "90/5/5",
 ):
     """Count the words of the train split's captions and write a vocabulary JSON."""
-    from capcli.data import load_dataset, parse_split_ratios
+    from capcli.datasets import load_dataset, parse_split_ratios
     from capcli.vocab import SPECIALS, Vocab
 
     samples = load_dataset(data, captions_file=captions, images_dir=images, split_ratios=parse_split_ratios(split))
@@ -326,9 +326,9 @@ ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model f
 PathsArg = Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (searched recursively), or - for paths on stdin.", show_default=False)]
 
 
-def _caption_command(paths, model, device, batch_size, fmt, max_len, length_penalty, beam_size, nbest, attention_dir, workers):
+def _caption_command(paths, model, device, batch_size, fmt, options, attention_dir, workers):
     from capcli.api import Captioner
-    from capcli.data import expand_paths
+    from capcli.images import expand_paths
 
     if not paths:
         if sys.stdin.isatty():
@@ -339,7 +339,7 @@ def _caption_command(paths, model, device, batch_size, fmt, max_len, length_pena
         attention_dir.mkdir(parents=True, exist_ok=True)
     failed = total = 0
     names_used: dict[str, int] = {}
-    results = captioner.caption_stream(expand_paths(paths), beam_size, max_len, length_penalty, nbest, batch_size, workers)
+    results = captioner.caption_stream(expand_paths(paths), options, batch_size, workers)
     for r in results:
         total += 1
         if not r.ok:
@@ -383,7 +383,7 @@ def _num(x: float):
 
 def _write_attention(directory: Path, r, names_used: dict[str, int]) -> None:
     from capcli import attention_map
-    from capcli.data import ImageError, load_image
+    from capcli.images import ImageError, load_image
 
     stem = Path(r.path).stem or "image"
     names_used[stem] = names_used.get(stem, 0) + 1
@@ -419,7 +419,10 @@ def caption(
     workers: WorkersOpt = 2,
 ):
     """Caption images with greedy decoding (fast). Example: capcli caption photos/ --format tsv"""
-    _caption_command(paths, model, device, batch_size, format, max_len, length_penalty, 1, 1, attention_dir, workers)
+    from capcli.sampling import DecodeOptions
+
+    options = DecodeOptions(beam_size=1, max_len=max_len, length_penalty=length_penalty)
+    _caption_command(paths, model, device, batch_size, format, options, attention_dir, workers)
 
 
 @app.command()
@@ -440,7 +443,10 @@ def beam(
     """Caption images with beam search, many images decoded together. Example: capcli beam -k 5 photo.jpg"""
     if nbest > beam_size:
         raise CapcliError(f"--nbest {nbest} is larger than --beam-size {beam_size}")
-    _caption_command(paths, model, device, batch_size, format, max_len, length_penalty, beam_size, nbest, attention_dir, workers)
+    from capcli.sampling import DecodeOptions
+
+    options = DecodeOptions(beam_size=beam_size, nbest=nbest, max_len=max_len, length_penalty=length_penalty)
+    _caption_command(paths, model, device, batch_size, format, options, attention_dir, workers)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -465,8 +471,9 @@ def evaluate(
 ):
     """Caption a split of a dataset and score it: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr."""
     from capcli.api import Captioner
-    from capcli.data import load_dataset, parse_split_ratios
+    from capcli.datasets import load_dataset, parse_split_ratios
     from capcli.evaluate import evaluate_model
+    from capcli.sampling import DecodeOptions
 
     if split_name not in ("train", "val", "test"):
         raise CapcliError(f"--split {split_name!r}: choose test, val or train")
@@ -479,8 +486,8 @@ def evaluate(
     reporter = RichReporter()
     reporter.start(f"captioning {split_name}", len(chosen), unit="images")
     try:
-        scores, notes, results = evaluate_model(captioner, chosen, beam_size, max_len, length_penalty, batch_size,
-                                                on_result=lambda r: reporter.update(1))
+        options = DecodeOptions(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+        scores, notes, results = evaluate_model(captioner, chosen, options, batch_size, on_result=lambda r: reporter.update(1))
     except ValueError as e:
         raise CapcliError(str(e), exit_code=1) from None
     finally:
@@ -491,7 +498,7 @@ def evaluate(
         refs = {str(s.image_path): list(s.captions) for s in chosen}
         lines = [json.dumps({"path": r.path, "caption": r.caption, "references": refs[r.path]} if r.ok
                             else {"path": r.path, "error": r.error}, ensure_ascii=False) for r in results]
-        from capcli.checkpoint import atomic_write_bytes
+        from capcli.files import atomic_write_bytes
 
         atomic_write_bytes(save, ("\n".join(lines) + "\n").encode())
     summary = {"split": split_name, "images": len(chosen), "beam_size": beam_size, **scores}

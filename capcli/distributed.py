@@ -23,6 +23,7 @@ from typing import Callable, NoReturn, Sequence, TypeVar
 
 import torch
 
+from capcli.devices import resolve_device
 from capcli.errors import CapcliError
 
 log = logging.getLogger("capcli")
@@ -152,8 +153,6 @@ def exit_process(code: int) -> NoReturn:
 
 def training_device(ctx: DistContext, name: str) -> torch.device:
     """The device of this process: cuda:LOCAL_RANK for auto/cuda under torchrun, else as asked."""
-    from capcli.model import resolve_device
-
     device = resolve_device(name)
     if not ctx.enabled or device.type != "cuda":
         return device
@@ -280,25 +279,6 @@ def shard_batch(batch: Sequence[int], rank: int, world: int) -> list[int]:
     """This rank's part of one global batch: contiguous, so a length-bucketed batch stays bucketed."""
     lo, hi = shard_range(len(batch), rank, world)
     return list(batch[lo:hi])
-
-
-class DistributedBatchSampler:
-    """Global batches (the same list on every rank) -> this rank's disjoint share of each.
-
-    ``make_batches(epoch)`` must be deterministic in the epoch (capcli seeds it with --seed and the
-    epoch), so every rank cuts the same global batches, reshuffled every epoch, and takes its own
-    contiguous slice of each: the ranks together see every caption once per epoch, and one step of
-    N processes covers exactly the captions one step of a single process would.
-    """
-
-    def __init__(self, make_batches: Callable[[int], list[list[int]]], rank: int, world: int):
-        self.make_batches, self.rank, self.world = make_batches, rank, world
-
-    def global_batches(self, epoch: int) -> list[list[int]]:
-        return self.make_batches(epoch)
-
-    def local_batches(self, epoch: int) -> list[list[int]]:
-        return [shard_batch(b, self.rank, self.world) for b in self.make_batches(epoch)]
 
 
 # --------------------------------------------------------------------------- shared folders

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import shutil
 from typing import Mapping, Sequence
@@ -100,16 +101,17 @@ def score_captions(
     return {m: scores[m] for m in METRICS if m in scores}, notes
 
 
-def evaluate_model(captioner, samples, beam_size: int = 1, max_len: int = 30, length_penalty: float = 1.0,
-                   batch_size: int = 32, tokenizer: str = "auto", on_result=None):
+def evaluate_model(captioner, samples, options, batch_size: int = 32, tokenizer: str = "auto", on_result=None):
     """Caption every sample's image with ``captioner`` and score against all of its references.
 
+    ``options`` is a sampling.DecodeOptions (nbest is ignored: one caption per image is scored).
     Returns (scores, notes, results); unreadable images are left out of the scores and listed in
     notes. ``on_result(result)`` is called as each caption is made (for progress bars).
     """
     references, candidates, results, failed = {}, {}, [], []
     by_path = {str(s.image_path): s for s in samples}
-    for r in captioner.caption_stream([s.image_path for s in samples], beam_size, max_len, length_penalty, 1, batch_size):
+    options = dataclasses.replace(options, nbest=1)
+    for r in captioner.caption_stream([s.image_path for s in samples], options, batch_size):
         results.append(r)
         if on_result is not None:
             on_result(r)

@@ -17,10 +17,12 @@ from typing import Sequence
 
 import torch
 
-from capcli import checkpoint, distributed
-from capcli.data import ImageError, image_batches, normalize_pixels
+from capcli import distributed
+from capcli.devices import autocast
 from capcli.distributed import DistContext
-from capcli.model import ModelConfig, autocast
+from capcli.files import atomic_write_bytes
+from capcli.images import ImageError, image_batches, normalize_pixels
+from capcli.model import ModelConfig
 from capcli.progress import Reporter
 
 log = logging.getLogger("capcli")
@@ -69,7 +71,7 @@ class FeatureCache:
                 f.truncate(n * self.row_bytes)
             for part in self._part_paths():
                 part.unlink(missing_ok=True)
-            checkpoint.atomic_write_bytes(self.index_path, json.dumps({"done": 0, "bad": {}}).encode())
+            atomic_write_bytes(self.index_path, json.dumps({"done": 0, "bad": {}}).encode())
         self.remap()
         self.reload_progress()
 
@@ -120,7 +122,7 @@ class FeatureCache:
 
     def consolidate(self) -> None:
         """Fold the part records into the main one (one process per folder does this)."""
-        checkpoint.atomic_write_bytes(self.index_path, self._record(self.have, self.bad, main=True))
+        atomic_write_bytes(self.index_path, self._record(self.have, self.bad, main=True))
         for part in self._part_paths():
             part.unlink(missing_ok=True)
 
@@ -149,9 +151,9 @@ class FeatureCache:
 
         def save_progress():
             if part is None:
-                checkpoint.atomic_write_bytes(self.index_path, self._record(self.have, self.bad, main=True))
+                atomic_write_bytes(self.index_path, self._record(self.have, self.bad, main=True))
             else:
-                checkpoint.atomic_write_bytes(self.part_path(part), self._record(mine, my_bad, main=False))
+                atomic_write_bytes(self.part_path(part), self._record(mine, my_bad, main=False))
 
         batches = image_batches([paths[r] for r in rows], cfg.image_size, batch_size, workers,
                                 overlap=device.type == "cuda")

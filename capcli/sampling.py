@@ -18,6 +18,22 @@ from capcli.vocab import END, PAD, START, UNK
 BANNED = (PAD, START, UNK)
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How captions are searched for: the same options for the CLI, the Python API and evaluate."""
+
+    beam_size: int = 1  # 1: greedy
+    nbest: int = 1  # hypotheses to return per image, best first (<= beam_size)
+    max_len: int = 30  # longest caption, in tokens
+    length_penalty: float = 1.0  # score = log-probability / length ** length_penalty
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1 or self.max_len < 1:
+            raise ValueError("beam_size and max_len must be at least 1")
+        if not 1 <= self.nbest <= self.beam_size:
+            raise ValueError(f"nbest {self.nbest} must be between 1 and beam_size {self.beam_size}")
+
+
 @dataclass
 class Hypothesis:
     tokens: list[int]  # word ids, without <start> and <end>
@@ -161,3 +177,10 @@ def beam_search(
                         attention[row].float().cpu(), False,
                     ))
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in done]
+
+
+def decode(decoder: Decoder, features: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+    """features (B, L, D) -> per image, ``options.nbest`` hypotheses, best first: greedy at beam size 1."""
+    if options.beam_size == 1:
+        return [[h] for h in greedy(decoder, features, options.max_len, options.length_penalty)]
+    return beam_search(decoder, features, options.beam_size, options.max_len, options.length_penalty, options.nbest)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,14 +24,18 @@ from typing import Sequence
 import torch
 
 from capcli import checkpoint, distributed
-from capcli.data import ImageError, Sample, image_batches, load_dataset, normalize_pixels, parse_split_ratios, split_counts
+from capcli.datasets import Sample, load_dataset, parse_split_ratios, split_counts
+from capcli.devices import amp_enabled, autocast
 from capcli.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
 from capcli.evaluate import score_captions
 from capcli.feature_cache import build_feature_cache, cache_key
-from capcli.model import CaptionModel, ModelConfig, amp_enabled, autocast
+from capcli.files import atomic_write_bytes
+from capcli.images import ImageError, image_batches, normalize_pixels
+from capcli.model import CaptionModel, ModelConfig, caption_loss, loss_terms
 from capcli.progress import Reporter
 from capcli.sampling import greedy
+from capcli.signals import defer_sigint, ignore_sigint
 from capcli.vocab import PAD, Vocab
 
 log = logging.getLogger("capcli")
@@ -136,46 +139,6 @@ def collate(tokens: Sequence[list[int]], device: torch.device):
     return padded.to(device, non_blocking=True), lengths, order
 
 
-def caption_loss(decoder, features: torch.Tensor, padded: torch.Tensor, lengths: list[int],
-                 label_smoothing: float = 0.0, attention_reg: float = 0.0):
-    """Teacher-forced loss. Returns (loss to minimise, summed word NLL, word count).
-
-    The doubly stochastic penalty is lambda * mean_i (1 - sum_t alpha_ti)^2: the paper's sum over
-    the L cells, divided by L so that one lambda suits any grid size (with the plain sum, 49-196
-    cells make it dwarf the word loss at lambda = 1).
-    """
-    logits, alphas = decoder(features, padded, lengths)  # (N, T, V), (N, T, L)
-    loss, nll, words = loss_terms(logits, alphas, padded, lengths, label_smoothing, attention_reg)
-    return loss, float(nll), words
-
-
-def loss_terms(logits: torch.Tensor, alphas: torch.Tensor, padded: torch.Tensor, lengths: list[int],
-               label_smoothing: float = 0.0, attention_reg: float = 0.0, total_words: int | None = None,
-               total_captions: int | None = None, scale: float = 1.0):
-    """caption_loss from the decoder's outputs: (loss, summed word NLL as a detached tensor, words).
-
-    The means are sums divided by ``total_words`` / ``total_captions`` (default: this batch's own).
-    Under DistributedDataParallel each rank holds part of a global batch and DDP averages the
-    gradients over the ranks: dividing by the global counts and scaling by the number of ranks
-    makes that average the gradient of the global batch's mean loss, as one process would get.
-    """
-    targets = padded[:, 1:]  # (N, T)
-    steps = torch.arange(targets.size(1), device=targets.device)  # (T,)
-    mask = steps.unsqueeze(0) < (torch.tensor(lengths, device=targets.device) - 1).unsqueeze(1)  # (N, T)
-    logp = torch.log_softmax(logits[mask].float(), dim=-1)  # (W, V) for the W real words
-    nll = -logp.gather(1, targets[mask].unsqueeze(1)).squeeze(1)  # (W,)
-    words = nll.numel()
-    n_words = total_words or words
-    loss = nll.sum() / n_words
-    if label_smoothing:
-        loss = (1 - label_smoothing) * loss - label_smoothing * logp.sum() / (n_words * logp.size(1))
-    if attention_reg:
-        coverage = alphas.float().sum(dim=1)  # (N, L) attention each cell got over the caption
-        n_cells = (total_captions or coverage.size(0)) * coverage.size(1)
-        loss = loss + attention_reg * ((1.0 - coverage) ** 2).sum() / n_cells
-    return loss * scale, nll.detach().sum(), words
-
-
 class _TrainNet(torch.nn.Module):
     """What DistributedDataParallel wraps: one forward from the batch's inputs to the decoder's outputs.
 
@@ -226,7 +189,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)  # every rank: the feature cache lives here
         if ctx.is_main:
-            checkpoint.atomic_write_bytes(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
+            atomic_write_bytes(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
 
         samples = load_dataset(cfg.data, captions_file=cfg.captions, images_dir=cfg.images, split_ratios=parse_split_ratios(cfg.split))
         counts = split_counts(samples)
@@ -236,7 +199,7 @@ class Trainer:
         self.vocab = distributed.on_main(ctx, lambda: self._vocabulary(samples))
 
         mcfg = cfg.model_config(len(self.vocab))
-        self.model = CaptionModel.from_config(mcfg)
+        self.model = CaptionModel(mcfg)
 
         def load_weights() -> str:
             if self.resume:
@@ -476,11 +439,10 @@ class Trainer:
         if self.bad_epochs >= cfg.patience:
             log.info("this run stopped early after epoch %d", self.epoch)
             return self._summary()
-        sampler = distributed.DistributedBatchSampler(self._epoch_batches, ctx.rank, ctx.world_size)
         last_save = time.time()
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
-            batches = sampler.global_batches(epoch)  # each step takes this rank's slice (_train_step)
+            batches = self._epoch_batches(epoch)  # global batches; each step takes this rank's slice (_train_step)
             if self.step_in_epoch == 0:
                 torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: reproducible per epoch
                 self.epoch_sums = {"nll": 0.0, "words": 0, "captions": 0, "seconds": 0.0}
@@ -511,7 +473,7 @@ class Trainer:
                 self.reporter.stop()
                 if rng_before is not None and self.step_in_epoch == step_before:
                     self._set_rng_state(*rng_before)  # stopped inside a step: undo its dropout draws
-                with _ignore_sigint():
+                with ignore_sigint():
                     self.save()  # rank 0 alone, no collective: the others may already be gone
                 again = (f"torchrun --nproc-per-node {ctx.local_world_size} ... -m capcli train --resume {self.run_dir}"
                          if ctx.enabled else f"capcli train --resume {self.run_dir}")
@@ -521,7 +483,7 @@ class Trainer:
                     f"interrupted in epoch {epoch} at step {self.step_in_epoch}; saved "
                     f"{self.run_dir / 'last.safetensors'}; continue with: {again}") from None
             self.reporter.stop()
-            with _ignore_sigint():
+            with ignore_sigint():
                 stop = self._end_epoch(epoch)
             last_save = time.time()
             if stop:
@@ -555,7 +517,7 @@ class Trainer:
         nll = float(distributed.all_reduce_sum(ctx, (nll * weight).reshape(1)))
         # From here on no more waiting on other processes; Ctrl-C waits for the update and the
         # step count to agree, so that a checkpoint saved on Ctrl-C resumes exactly.
-        with _defer_sigint():
+        with defer_sigint():
             if cfg.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
@@ -639,41 +601,6 @@ class Trainer:
             log.info("early stop: no better val BLEU-4 for %d epochs (best %.4f at epoch %d)", cfg.patience, self.best_score, self.best_epoch)
             return True
         return False
-
-
-class _defer_sigint:
-    """Hold back Ctrl-C until the block is done, then raise it."""
-
-    def __enter__(self):
-        self.caught = False
-
-        def handler(signum, frame):
-            self.caught = True
-
-        try:
-            self.previous = signal.signal(signal.SIGINT, handler)
-        except ValueError:  # not the main thread
-            self.previous = None
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            if self.caught and exc[0] is None and callable(self.previous):
-                self.previous(signal.SIGINT, None)  # Python's own handler raises KeyboardInterrupt
-
-
-class _ignore_sigint:
-    """Finish a checkpoint write even if Ctrl-C is pressed again."""
-
-    def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        except ValueError:  # not the main thread
-            self.previous = None
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
 
 
 def _distributed(fn, run_dir: Path | None = None):

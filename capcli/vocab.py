@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from capcli.errors import CapcliError
+from capcli.files import FileProblem, atomic_write_bytes, read_json
 
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 PAD, START, END, UNK = range(4)
@@ -81,9 +82,10 @@ class Vocab:
 
     @classmethod
     def from_json(cls, data: object, source: str = "vocabulary") -> "Vocab":
+        bad = CapcliError(f"{source}: not a capcli vocabulary (expected JSON with a 'words' list)")
+        if not (isinstance(data, dict) and isinstance(data.get("words"), list) and all(isinstance(w, str) for w in data["words"])):
+            raise bad
         try:
-            assert isinstance(data, dict) and isinstance(data["words"], list)
-            assert all(isinstance(w, str) for w in data["words"])
             return cls(
                 list(data["words"]),
                 {str(k): int(v) for k, v in dict(data.get("counts", {})).items()},
@@ -92,21 +94,16 @@ class Vocab:
             )
         except CapcliError as e:
             raise CapcliError(f"{source}: {e.message}") from None
-        except (AssertionError, KeyError, TypeError, ValueError):
-            raise CapcliError(f"{source}: not a capcli vocabulary (expected JSON with a 'words' list)") from None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise bad from None
 
     def save(self, path: str | Path) -> None:
-        from capcli.checkpoint import atomic_write_bytes
-
         atomic_write_bytes(Path(path), json.dumps(self.to_json(), ensure_ascii=False, indent=1).encode())
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":
-        path = Path(path)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CapcliError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CapcliError(f"{path}: cannot read vocabulary ({e.__class__.__name__}: {e})") from None
+            data = read_json(path, "vocabulary")
+        except FileProblem as e:
+            raise CapcliError(str(e)) from None
         return cls.from_json(data, str(path))

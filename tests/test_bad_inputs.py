@@ -95,9 +95,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from capcli.checkpoint import load_model, read_metadata, read_state_dict
+from capcli.checkpoint import load_model, read_metadata
+from capcli.encoders import Encoder
 from capcli.cli import app
-from capcli.data import ImageError, expand_paths, load_dataset, load_image, read_caption_table
+from capcli.datasets import load_dataset, read_caption_table
+from capcli.images import ImageError, expand_paths, load_image
 from capcli.errors import CapcliError
 from capcli.vocab import tokenize
 from conftest import warnings_of
@@ -434,7 +436,7 @@ def test_unknown_split_names(tmp_path, pics, caplog):
     path = write(tmp_path / "c.csv", "image,caption,split\na.jpg,x,holdout\nb.jpg,y,dev\nc.jpg,z,TRAIN\n")
     s = load(path, pics)
     assert s["b.jpg"].split == "val" and s["c.jpg"].split == "train"
-    from capcli.data import hash_split
+    from capcli.datasets import hash_split
 
     assert s["a.jpg"].split == hash_split("a.jpg")
     assert warnings_of(caplog) == [f"{path}: 1 image with an unknown split ('holdout') split by name hash instead"]
@@ -637,7 +639,7 @@ def test_pickles_as_encoder_weights_are_not_executed(models):
     for name in ("torch.save zip pickle", "pickle protocol 2", "pickle protocol 5"):
         path, _ = cases[name]
         with pytest.raises(CapcliError) as e:
-            read_state_dict(path)
+            Encoder("lite0").load_pretrained(path)
         assert one_line_error(e, path).startswith(": cannot read weights (UnpicklingError"), name
     assert not (d / "UNPICKLED").exists()
 

@@ -138,7 +138,7 @@ def test_capcli_keeps_freed_memory_instead_of_page_faulting_it_back():
     script = (
         "import resource, sys, torch\n"
         "from capcli.cli import keep_freed_memory\n"
-        "from capcli.model import Encoder\n"
+        "from capcli.encoders import Encoder\n"
         "if sys.argv[1] == 'keep': keep_freed_memory()\n"
         "encoder, x = Encoder('lite0').eval(), torch.randn(4, 3, 224, 224)\n"
         "with torch.inference_mode():\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from capcli.data import (
+from capcli.datasets import (
     SPLITS,
     hash_split,
     load_dataset,
@@ -396,7 +396,7 @@ def test_pixels_are_normalised_channel_by_channel_into_channels_last_memory():
     import torch
     from PIL import Image
 
-    from capcli.data import image_to_pixels, image_to_tensor, normalize_pixels
+    from capcli.images import image_to_pixels, image_to_tensor, normalize_pixels
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     img = Image.new("RGB", (10, 6), (255, 128, 0))
@@ -421,7 +421,7 @@ def test_image_batches_keep_order_and_errors_in_place_and_load_at_most_one_batch
 
     from PIL import Image
 
-    import capcli.data as data
+    import capcli.images as data
 
     paths = []
     for k in range(8):

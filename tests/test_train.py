@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from capcli import checkpoint
 from capcli.cli import app
-from capcli.model import Encoder
+from capcli.encoders import Encoder
 from conftest import SMALL
 
 BASE = ["--batch-size", "16", "--lr", "3e-3", "--min-freq", "1", "--split", "80/20/0", "--device", "cpu",
@@ -130,7 +130,7 @@ def test_unreadable_images_are_skipped_or_stop_training(tmp_path, shapes_dir):
                                       "--max-bad-fraction", "0.05", *BASE])
     assert result.exit_code == 0, result.output
     assert "skipping 1 unreadable image (first:" in result.stderr
-    from capcli.data import load_dataset
+    from capcli.datasets import load_dataset
 
     train_images = [s for s in load_dataset(data, split_ratios=(0.8, 0.2, 0.0)) if s.split == "train"]
     bad_in_train = any(s.image_path.name == "red_square_0.png" for s in train_images)
