@@ -121,11 +121,12 @@ def main() -> None:
           flush=True)
 
     # Build each device's feature cache once, untimed (Trainer.setup builds it; no training).
-    from capcli.train import TrainConfig, Trainer
+    from capcli.train import Trainer
+    from capcli.train_config import TrainConfig
 
     for device in sorted({c[3] for c in configs}):
         t0 = time.time()
-        cfg = TrainConfig(out=str(work / f"cache-{device}"), split="90/10/0", min_freq=3, device=device,
+        cfg = TrainConfig(output=str(work / f"cache-{device}"), split="90/10/0", min_freq=3, device=device,
                           **({"captions": str(captions), "images": str(args.data / "Images")} if captions else {"data": str(args.data)}))
         Trainer(cfg).setup()
         print(f"# {device}: feature cache built in {time.time() - t0:.0f} s (not timed below)", flush=True)

@@ -5,6 +5,7 @@
     print(cap.caption("photo.jpg").caption)                    # one image -> one CaptionResult
     for r in cap.caption(["a.jpg", "b.jpg"], beam_size=3):      # several -> a list, in order
         print(r.caption, r.score)
+    cap.caption("https://example.com/dog.jpg")                 # http(s) URLs and PIL images too
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from capcli import checkpoint
 from capcli.devices import autocast, resolve_device
 from capcli.errors import CapcliError
-from capcli.images import ImageError, image_batches, image_to_tensor, normalize_pixels, to_rgb
+from capcli.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
 from capcli.sampling import DecodeOptions, Hypothesis, decode
 
 DEFAULT_MODEL_NAME = "capcli-lite0-flickr8k-mini.safetensors"
@@ -117,53 +118,56 @@ class Captioner:
     # ------------------------------------------------------------------ public
     def caption_stream(
         self,
-        paths: Iterable[str | Path],
+        paths: Iterable,
         options: DecodeOptions = DecodeOptions(),
         batch_size: int = 32,
         workers: int = 2,
+        max_pixels: int = MAX_IMAGE_PIXELS,
     ) -> Iterator[CaptionResult]:
-        """Caption a stream of image files, yielding results in input order as each batch finishes.
+        """Caption a stream of image files, http(s) URLs or PIL images, yielding results in input
+        order as each batch finishes. A result's ``path`` is the path or URL as given (None for a
+        PIL image).
 
         Images load in ``workers`` threads: ahead of the model on a GPU, between batches on the
         CPU (see images.image_batches). An unreadable image yields a result with ``error`` set and
-        the others go on.
+        the others go on. Images over ``max_pixels`` (0: no limit) are refused unread.
         """
         cfg = self.cfg
-        for items in image_batches((Path(p) for p in paths), cfg.image_size, batch_size, workers,
-                                   overlap=self.device.type == "cuda"):
+        for items in image_batches(paths, cfg.image_size, batch_size, workers,
+                                   overlap=self.device.type == "cuda", max_pixels=max_pixels):
             good = [t for _, t in items if not isinstance(t, ImageError)]
             hyps = iter([])
             if good:
                 pixels = torch.stack(good).to(self.device)  # (n, S, S, 3) uint8: a quarter of the bytes of floats
                 features = self.encode(normalize_pixels(pixels, cfg.mean, cfg.std))  # (n, L, D)
                 hyps = iter(self.decode(features, options))
-            for path, t in items:
-                yield CaptionResult(str(path), error=str(t)) if isinstance(t, ImageError) else self._result(str(path), next(hyps))
+            for item, t in items:
+                path = None if _is_pil(item) else str(item)
+                yield CaptionResult(path, error=str(t)) if isinstance(t, ImageError) else self._result(path, next(hyps))
 
-    def caption(self, images, options: DecodeOptions | None = None, batch_size: int = 32, **decode_options):
-        """Caption one image or several: a path (str or Path) or a PIL image gives one CaptionResult;
-        an iterable of them gives a list, in order. Unreadable files give results with ``error`` set.
+    def caption(self, images, options: DecodeOptions | None = None, batch_size: int = 32, *,
+                max_pixels: int = MAX_IMAGE_PIXELS, **decode_options):
+        """Caption one image or several: a path (str or Path), an http(s) URL or a PIL image gives
+        one CaptionResult; an iterable of them gives a list, in order. Unreadable images give
+        results with ``error`` set.
 
         ``decode_options`` (beam_size=3, nbest=..., max_len=..., length_penalty=...) change ``options``.
         """
         options = replace(options or DecodeOptions(), **decode_options)
-        single = isinstance(images, (str, os.PathLike)) or _is_pil(images)
+        single = _is_image(images)
+        if not single and (isinstance(images, (bytes, bytearray)) or not isinstance(images, Iterable)):
+            raise TypeError(f"images must be a path (str or Path), a PIL image or an iterable of them, "
+                            f"not {type(images).__name__}")
         items = [images] if single else list(images)
         for item in items:
-            if not (isinstance(item, (str, os.PathLike)) or _is_pil(item)):
+            if not _is_image(item):
                 raise TypeError(f"images must be paths (str or Path) or PIL images, not {type(item).__name__}")
-        results: list[CaptionResult | None] = [None] * len(items)
-        files = [k for k, item in enumerate(items) if not _is_pil(item)]
-        for k, r in zip(files, self.caption_stream([items[k] for k in files], options, batch_size)):
-            results[k] = r
-        pictures = [k for k, item in enumerate(items) if _is_pil(item)]
-        cfg = self.cfg
-        for start in range(0, len(pictures), batch_size):
-            chunk = pictures[start:start + batch_size]
-            x = torch.stack([image_to_tensor(to_rgb(items[k]), cfg.image_size, cfg.mean, cfg.std) for k in chunk])  # (n, 3, S, S)
-            for k, hyps in zip(chunk, self.decode(self.encode(x), options)):
-                results[k] = self._result(None, hyps)
+        results = list(self.caption_stream(items, options, batch_size, max_pixels=max_pixels))
         return results[0] if single else results
+
+
+def _is_image(obj) -> bool:
+    return isinstance(obj, (str, os.PathLike)) or _is_pil(obj)
 
 
 def _is_pil(obj) -> bool:

@@ -32,7 +32,9 @@ def render(image, words: Sequence[str], attention, panel: int = PANEL, columns: 
     dark = Image.new("RGB", (w, h), (0, 0, 0))
     for i, word in enumerate(words):
         a = attention[i].float()  # (h, w)
-        a = (a - a.min()) / (a.max() - a.min()).clamp_min(1e-12)  # stretched: weakest cell 0, strongest 1
+        # In proportion to the strongest cell: uniform attention lights the whole scene, a peaked one
+        # its peak (a min-max stretch would turn near-uniform attention into dark noise).
+        a = a / a.max().clamp_min(1e-12)
         mask = Image.frombytes("L", (a.size(1), a.size(0)), bytes((a * 255).round().byte().flatten().tolist()))
         mask = mask.resize((w, h), Image.BILINEAR).point(lambda v: 40 + v * 215 // 255)  # the scene stays faintly visible
         x, y = (i % cols) * w, (i // cols) * (h + LABEL)

@@ -7,6 +7,7 @@ errors go to stderr. Exit codes: 0 ok, 1 a run failed (or some images could not 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -14,16 +15,53 @@ import math
 import os
 import sys
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import List, Optional
+from urllib.parse import urlsplit
 
 import typer
+from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 from capcli.errors import CapcliError
+from capcli.images import MAX_IMAGE_PIXELS, is_url
 from capcli.progress import Reporter
+from capcli.train_config import TrainConfig
+
+GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
+
+
+def _untyped_flags(params: list) -> list:
+    """Typer's help shows a `<bool>` type beside every flag; a flag takes no value, so show none."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Group(TyperGroup):
+    """capcli's command group: the global flags may come anywhere on the line, flags show no type."""
+
+    def parse_args(self, ctx, args):
+        # `capcli caption -q x.jpg` reads as naturally as `capcli -q caption x.jpg`: lift the global
+        # flags in front of the command, so no command needs its own copy (up to a `--`).
+        end = args.index("--") if "--" in args else len(args)
+        lifted = [a for a in args[:end] if a in GLOBAL_FLAGS]
+        rest = [a for a in args[:end] if a not in GLOBAL_FLAGS]
+        return super().parse_args(ctx, lifted + rest + args[end:])
+
+    def get_params(self, ctx):
+        return _untyped_flags(super().get_params(ctx))
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _untyped_flags(command.get_params(ctx))
+        return command
+
 
 app = typer.Typer(
+    cls=_Group,
     name="capcli",
     help="Show, Attend and Tell image captioning: build-vocab, train, caption, beam, evaluate.",
     no_args_is_help=True,
@@ -156,10 +194,8 @@ def keep_freed_memory() -> None:
     """Let glibc keep freed memory for reuse instead of handing it back to the OS at every free.
 
     Every encoder batch on the CPU allocates activations of several MB; with glibc's defaults each
-    one is a fresh mmap that the kernel zero-fills page by page: captioning 1200 images took 5
-    million page faults and a quarter of the CPU time in the kernel (Captioner.caption_stream,
-    beam 1 and 3 over flickr8k-mini; 57 thousand faults with this).
-    It changes the whole process, so the command line sets it, never the library. A no-op where
+    one is a fresh mmap that the kernel zero-fills page by page (docs/performance-notes.md has the
+    figures). It changes the whole process, so the command line sets it, never the library. A no-op where
     the C library has no mallopt (macOS, Windows).
     """
     import ctypes
@@ -191,7 +227,7 @@ def _silence_stdout() -> None:
 @app.callback()
 def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr. Both flags may also follow the command.")] = False,
 ):
     global _debug
     _debug = debug
@@ -201,28 +237,32 @@ def _main(
 
 # --------------------------------------------------------------------------- build-vocab
 
-DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder (Kaggle/original Flickr8k, Karpathy JSON, COCO).")]
-CaptionsOpt = Annotated[Optional[Path], typer.Option("--captions", help="Caption file (CSV, TSV or JSONL with image and caption columns), instead of --data.")]
-ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Image folder for --captions (default: the caption file's folder).")]
-SplitOpt = Annotated[str, typer.Option("--split", help="Train/val/test percentages for datasets without their own split, by image-name hash.")]
+# Help panels, so that `--help` reads by topic
+DATA, VOCAB, MODEL, RUN, OPTIM = "Data", "Vocabulary", "Model", "Run", "Optimisation"
+INPUT, DECODING, OUTPUT, PERFORMANCE = "Input", "Decoding", "Output", "Performance"
+DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder (Flickr8k, Karpathy JSON, COCO).", rich_help_panel=DATA)]
+CaptionsOpt = Annotated[Optional[Path], typer.Option("--captions", help="Caption file (CSV, TSV, JSONL) instead of --data.", rich_help_panel=DATA)]
+ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Image folder for --captions (default: its folder).", rich_help_panel=DATA)]
+SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Train/val/test percentages of a hash split (default 90/5/5) for data without its own split.", rich_help_panel=DATA)]
 
 
 @app.command("build-vocab")
 @handle_errors
 def build_vocab(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the vocabulary JSON.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the vocabulary JSON.", rich_help_panel=VOCAB)],
     data: DataOpt = None,
     captions: CaptionsOpt = None,
     images: ImagesOpt = None,
-    min_freq: Annotated[int, typer.Option(help="Keep words seen at least this often in the train split.", min=1)] = 5,
-    max_len: Annotated[int, typer.Option(help="Longest training caption, in words.", min=1)] = 50,
-    split: SplitOpt = "90/5/5",
+    min_freq: Annotated[int, typer.Option(help="Keep words seen this often in the train split.", min=1, rich_help_panel=VOCAB)] = 5,
+    max_len: Annotated[int, typer.Option(help="Longest training caption, in words.", min=1, rich_help_panel=VOCAB)] = 50,
+    split: SplitOpt = None,
 ):
     """Count the words of the train split's captions and write a vocabulary JSON."""
     from capcli.datasets import load_dataset, parse_split_ratios
     from capcli.vocab import SPECIALS, Vocab
 
-    samples = load_dataset(data, captions_file=captions, images_dir=images, split_ratios=parse_split_ratios(split))
+    ratios = parse_split_ratios(split) if split else None  # None: 90/5/5, and no note when the data has its own split
+    samples = load_dataset(data, captions_file=captions, images_dir=images, split_ratios=ratios).samples
     train = [c for s in samples if s.split == "train" for c in s.captions]
     if not train:
         raise CapcliError(f"{data or captions}: the train split has no captions")
@@ -236,72 +276,92 @@ def build_vocab(
 
 # --------------------------------------------------------------------------- train
 
+class Attention(str, Enum):
+    additive = "additive"
+    general = "general"
+    dot = "dot"
+    none = "none"
+
+
+class Rnn(str, Enum):
+    lstm = "lstm"
+    gru = "gru"
+
+
+def _check_encoder(name: str) -> str:
+    from capcli.choices import encoder_name_problem
+
+    if problem := encoder_name_problem(name):
+        raise typer.BadParameter(problem.replace(f"unknown encoder {name!r} ", "unknown encoder "))
+    return name
+
+
+_DEFAULT = TrainConfig()  # the CLI's defaults are TrainConfig's
+
+
 @app.command()
 @handle_errors
 def train(
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder: checkpoints, metrics.jsonl, feature cache.")] = None,
+    ctx: typer.Context,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder: checkpoints, metrics, curves, feature cache.", rich_help_panel=RUN)] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder where it stopped.", rich_help_panel=RUN)] = None,
     data: DataOpt = None,
     captions: CaptionsOpt = None,
     images: ImagesOpt = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder exactly where it stopped.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs to train (default 20).", min=1)] = None,
-    batch_size: Annotated[int, typer.Option(help="Captions per batch (under torchrun: the global batch, split across the processes).", min=1)] = 64,
-    lr: Annotated[float, typer.Option(help="Decoder learning rate (AdamW).")] = 4e-4,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (0 = Adam).")] = 0.0,
-    device: Annotated[Device, typer.Option(help="Where to train.")] = Device.auto,
-    seed: Annotated[int, typer.Option(help="Random seed (batches, dropout, initial weights).")] = 0,
-    vocab: Annotated[Optional[Path], typer.Option("--vocab", help="Vocabulary JSON from build-vocab (default: built from the train split).")] = None,
-    min_freq: Annotated[int, typer.Option(help="Vocabulary: minimum word count, when --vocab is not given.", min=1)] = 5,
-    max_len: Annotated[int, typer.Option(help="Leave out training captions longer than this many words.", min=1)] = 50,
-    split: SplitOpt = "90/5/5",
-    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better val BLEU-4 (default 5).", min=1)] = None,
-    lr_patience: Annotated[int, typer.Option(help="Halve the learning rate after this many epochs without gain.", min=0)] = 2,
-    encoder: Annotated[str, typer.Option(help="lite0 (offline default), resnet50, resnet101, resnet152, or timm:NAME.")] = "lite0",
-    encoder_weights: Annotated[Optional[Path], typer.Option(help="ImageNet weights for the encoder (.safetensors or .pth), instead of downloading.")] = None,
-    image_size: Annotated[int, typer.Option(help="Images are resized to this square size.", min=32)] = 224,
-    grid: Annotated[int, typer.Option(help="Pool the feature map to GRID x GRID (0: the encoder's own, 7x7 at 224).", min=0)] = 0,
-    attention: Annotated[str, typer.Option(help="additive (Bahdanau), general, dot, or none (Show and Tell).")] = "additive",
-    rnn: Annotated[str, typer.Option(help="lstm or gru.")] = "lstm",
-    embed_dim: Annotated[int, typer.Option(min=1)] = 256,
-    attention_dim: Annotated[int, typer.Option(min=1)] = 256,
-    decoder_dim: Annotated[int, typer.Option(min=1)] = 512,
-    dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.5,
-    attention_reg: Annotated[float, typer.Option(help="Lambda of the doubly stochastic attention penalty.")] = 1.0,
-    label_smoothing: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.0,
-    grad_clip: Annotated[float, typer.Option(help="Clip gradients to this norm (0: off).")] = 5.0,
-    fine_tune_encoder: Annotated[bool, typer.Option(help="Unfreeze the encoder's top blocks (no feature cache).")] = False,
-    encoder_lr: Annotated[float, typer.Option(help="Learning rate of the unfrozen encoder blocks.")] = 1e-4,
-    workers: Annotated[int, typer.Option(help="Image-loading threads.", min=1)] = 2,
-    max_bad_fraction: Annotated[float, typer.Option(help="Stop if more than this fraction of the images cannot be read.")] = 0.01,
-    save_every: Annotated[float, typer.Option("--save-every", help="Also save last.safetensors every N minutes within an epoch (0: off).")] = 10.0,
+    split: Annotated[Optional[str], typer.Option("--split", help="Train/val/test percentages of a hash split (default 90/5/5) for data without its own split.", rich_help_panel=DATA)] = None,
+    vocab: Annotated[Optional[Path], typer.Option("--vocab", help="Vocabulary JSON from build-vocab (default: built here).", rich_help_panel=DATA)] = None,
+    min_freq: Annotated[int, typer.Option(help="Vocabulary built here: keep words seen this often.", min=1, rich_help_panel=DATA)] = _DEFAULT.min_freq,
+    max_len: Annotated[Optional[int], typer.Option(help="Leave out longer training captions, in words (default: the vocabulary's, 50).", min=1, rich_help_panel=DATA, show_default=False)] = None,
+    max_bad_fraction: Annotated[float, typer.Option(help="Stop if more of the images than this fraction cannot be read.", min=0.0, max=1.0, rich_help_panel=DATA)] = _DEFAULT.max_bad_fraction,
+    encoder: Annotated[str, typer.Option(help="lite0 (offline), resnet50/101/152, or timm:NAME.", callback=_check_encoder, rich_help_panel=MODEL)] = _DEFAULT.encoder,
+    encoder_weights: Annotated[Optional[Path], typer.Option(help="Encoder ImageNet weights file (.safetensors/.pth) instead of a download.", rich_help_panel=MODEL)] = None,
+    image_size: Annotated[int, typer.Option(help="Images are resized to this square size.", min=32, rich_help_panel=MODEL)] = _DEFAULT.image_size,
+    grid: Annotated[int, typer.Option(help="Pool features to GRID x GRID (0: the encoder's own).", min=0, rich_help_panel=MODEL)] = _DEFAULT.grid,
+    attention: Annotated[Attention, typer.Option(help="Bahdanau (additive), Luong (general), dot, or none.", rich_help_panel=MODEL)] = Attention(_DEFAULT.attention),
+    rnn: Annotated[Rnn, typer.Option(help="Decoder cell.", rich_help_panel=MODEL)] = Rnn(_DEFAULT.rnn),
+    embed_dim: Annotated[int, typer.Option(help="Word embedding size.", min=1, rich_help_panel=MODEL)] = _DEFAULT.embed_dim,
+    attention_dim: Annotated[int, typer.Option(help="Attention layer size.", min=1, rich_help_panel=MODEL)] = _DEFAULT.attention_dim,
+    decoder_dim: Annotated[int, typer.Option(help="LSTM/GRU state size.", min=1, rich_help_panel=MODEL)] = _DEFAULT.decoder_dim,
+    dropout: Annotated[float, typer.Option(help="Dropout before the word classifier.", min=0.0, max=0.99, rich_help_panel=MODEL)] = _DEFAULT.dropout,
+    epochs: Annotated[int, typer.Option(help="Epochs to train.", min=1, rich_help_panel=OPTIM)] = _DEFAULT.epochs,
+    batch_size: Annotated[int, typer.Option(help="Captions per step (under torchrun: the global batch).", min=1, rich_help_panel=OPTIM)] = _DEFAULT.batch_size,
+    lr: Annotated[float, typer.Option(help="Decoder learning rate (AdamW).", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.lr,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (0: Adam).", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.weight_decay,
+    grad_clip: Annotated[float, typer.Option(help="Clip gradients to this norm (0: off).", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.grad_clip,
+    attention_reg: Annotated[float, typer.Option(help="Lambda of the doubly stochastic attention penalty.", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.attention_reg,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the word loss.", min=0.0, max=0.99, rich_help_panel=OPTIM)] = _DEFAULT.label_smoothing,
+    fine_tune_encoder: Annotated[bool, typer.Option("--fine-tune-encoder", help="Train the encoder's top blocks too (no feature cache).", rich_help_panel=OPTIM)] = _DEFAULT.fine_tune_encoder,
+    encoder_lr: Annotated[float, typer.Option(help="Learning rate of the fine-tuned encoder blocks.", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.encoder_lr,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val BLEU-4.", min=1, rich_help_panel=OPTIM)] = _DEFAULT.patience,
+    lr_patience: Annotated[int, typer.Option(help="Halve the learning rate after every this many of them (0: never).", min=0, rich_help_panel=OPTIM)] = _DEFAULT.lr_patience,
+    device: Annotated[Device, typer.Option(help="Where to train (auto: cuda when available).", rich_help_panel=RUN)] = Device(_DEFAULT.device),
+    seed: Annotated[int, typer.Option(help="Random seed: weights, batches, dropout.", rich_help_panel=RUN)] = _DEFAULT.seed,
+    workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1, rich_help_panel=RUN)] = _DEFAULT.workers,
+    save_every: Annotated[float, typer.Option("--save-every", help="Minutes between saves within an epoch (0: at epoch ends only).", min=0.0, rich_help_panel=RUN)] = _DEFAULT.save_every,
 ):
-    """Train a captioner on a dataset folder; writes best.safetensors and last.safetensors to the run folder."""
+    """Train a captioner; writes best.safetensors, last.safetensors, metrics.jsonl and curves.png to the run folder.
+
+    With --resume only --epochs, --patience, --device, --workers, --save-every and
+    --max-bad-fraction may be given: the run keeps its other settings.
+    """
     from capcli import train as training
 
+    settings = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
+                for k, v in locals().items() if k in _TRAIN_FIELDS}
     reporter = RichReporter()
     if resume is not None:
-        overrides = {"epochs": epochs, "patience": patience, "device": device.value if device != Device.auto else None,
-                     "workers": workers, "save_every_minutes": save_every, "max_bad_fraction": max_bad_fraction}
-        summary = _run_training(lambda: training.resume(resume, overrides, reporter))
+        given = _given_options(ctx)
+        if "output" in given:
+            raise CapcliError("give either -o RUN_DIR (a new run) or --resume RUN_DIR, not both")
+        summary = _run_training(lambda: training.resume(resume, {k: settings[k] for k in given if k in settings}, reporter))
         run_dir = resume
     else:
         if output is None:
             raise CapcliError("give the run folder: -o RUN_DIR (or --resume RUN_DIR)")
-        if data is None and captions is None:
-            raise CapcliError("give the data: --data DIR, or --captions FILE --images DIR")
         if (output / "last.safetensors").exists():
             raise CapcliError(f"{output}: already holds a run; continue it with --resume {output}, or choose another -o")
-        cfg = training.TrainConfig(
-            out=str(output), data=str(data) if data else None, captions=str(captions) if captions else None,
-            images=str(images) if images else None, split=split, vocab=str(vocab) if vocab else None,
-            min_freq=min_freq, max_len=max_len, max_bad_fraction=max_bad_fraction, encoder=encoder,
-            encoder_weights=str(encoder_weights) if encoder_weights else None, image_size=image_size, grid=grid,
-            attention=attention, rnn=rnn, embed_dim=embed_dim, attention_dim=attention_dim, decoder_dim=decoder_dim,
-            dropout=dropout, epochs=epochs or 20, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-            grad_clip=grad_clip, attention_reg=attention_reg, label_smoothing=label_smoothing,
-            fine_tune_encoder=fine_tune_encoder, encoder_lr=encoder_lr, patience=patience or 5, lr_patience=lr_patience,
-            device=device.value, seed=seed, workers=workers, save_every_minutes=save_every,
-        )
+        cfg = TrainConfig(**settings)
+        cfg.validate()  # before any data is read or file written
         summary = _run_training(lambda: training.train(cfg, reporter))
         run_dir = output
     if os.environ.get("RANK", "0").strip() not in ("", "0"):
@@ -309,6 +369,15 @@ def train(
     best = run_dir / "best.safetensors"
     bleu = summary.get("val_bleu4")
     print(f"{best}" + (f"\tval BLEU-4 {bleu:.4f} (epoch {summary.get('best_epoch')})" if bleu is not None else ""))
+
+
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _given_options(ctx: typer.Context) -> set[str]:
+    """The options of the running command that were given on the command line (not defaults)."""
+    sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
+    return {name for name, source in sources.items() if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")}
 
 
 def _run_training(fn):
@@ -322,11 +391,19 @@ def _run_training(fn):
 
 # --------------------------------------------------------------------------- caption / beam
 
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (.safetensors); default: the shipped model.")]
-PathsArg = Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (searched recursively), or - for paths on stdin.", show_default=False)]
+PathsArg = Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (searched recursively), URLs, or - for paths on stdin.", show_default=False, rich_help_panel=INPUT)]
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (.safetensors); default: the shipped model.", rich_help_panel=MODEL)]
+DeviceOpt = Annotated[Device, typer.Option(help="Where to run; auto: cuda when available.", rich_help_panel=MODEL)]
+MaxLenOpt = Annotated[int, typer.Option(help="Longest caption, in words.", min=1, rich_help_panel=DECODING)]
+PenaltyOpt = Annotated[float, typer.Option(help="Rank by log-prob / length ** PENALTY.", rich_help_panel=DECODING)]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: captions; tsv: path<TAB>caption; jsonl: all details.", rich_help_panel=OUTPUT)]
+AttnDirOpt = Annotated[Optional[Path], typer.Option(help="Write an attention picture (PNG) per image here.", rich_help_panel=OUTPUT)]
+BatchOpt = Annotated[int, typer.Option(help="Images per batch.", min=1, rich_help_panel=PERFORMANCE)]
+WorkersOpt = Annotated[int, typer.Option(help="Image-decoding threads.", min=1, rich_help_panel=PERFORMANCE)]
+MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse images with more pixels (width x height); 0: no limit.", min=0, rich_help_panel=PERFORMANCE)]
 
 
-def _caption_command(paths, model, device, batch_size, fmt, options, attention_dir, workers):
+def _caption_command(paths, model, device, batch_size, fmt, options, attention_dir, workers, max_pixels):
     from capcli.api import Captioner
     from capcli.images import expand_paths
 
@@ -338,8 +415,8 @@ def _caption_command(paths, model, device, batch_size, fmt, options, attention_d
     if attention_dir is not None:
         attention_dir.mkdir(parents=True, exist_ok=True)
     failed = total = 0
-    names_used: dict[str, int] = {}
-    results = captioner.caption_stream(expand_paths(paths), options, batch_size, workers)
+    names_used: set[str] = set()
+    results = captioner.caption_stream(expand_paths(paths), options, batch_size, workers, max_pixels=max_pixels)
     for r in results:
         total += 1
         if not r.ok:
@@ -347,8 +424,7 @@ def _caption_command(paths, model, device, batch_size, fmt, options, attention_d
             sys.stderr.write(f"capcli: {r.path}: {r.error}\n")
         _print_result(r, fmt)
         if attention_dir is not None and r.ok:
-            _write_attention(attention_dir, r, names_used)
-    sys.stdout.flush()
+            _write_attention(attention_dir, r, names_used, max_pixels)
     if total == 0:
         raise CapcliError("no images found in " + " ".join(paths), exit_code=1)
     if failed:
@@ -372,37 +448,37 @@ def _print_result(r, fmt: Format) -> None:
                                    for a in r.alternatives]
         line = json.dumps(obj, ensure_ascii=False)
     sys.stdout.write(line + "\n")
-    if not sys.stdout.isatty():
-        return
-    sys.stdout.flush()
+    sys.stdout.flush()  # a pipe is block-buffered: without this `| head -1` waits for ~170 lines
 
 
 def _num(x: float):
     return round(x, 5) if math.isfinite(x) else None
 
 
-def _write_attention(directory: Path, r, names_used: dict[str, int]) -> None:
+def _picture_name(path: str, used: set[str]) -> str:
+    """The image's stem, or stem-2, stem-3... : never a name this run already used (a/dog.jpg,
+    b/dog.jpg and c/dog-2.jpg give dog, dog-2 and dog-2-2)."""
+    stem = PurePosixPath(urlsplit(path).path).stem if is_url(path) else Path(path).stem
+    stem = stem or "image"
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return name
+
+
+def _write_attention(directory: Path, r, names_used: set[str], max_pixels: int) -> None:
     from capcli import attention_map
     from capcli.images import ImageError, load_image
 
-    stem = Path(r.path).stem or "image"
-    names_used[stem] = names_used.get(stem, 0) + 1
-    name = stem if names_used[stem] == 1 else f"{stem}-{names_used[stem]}"
+    name = _picture_name(r.path, names_used)
     try:
-        image = load_image(r.path)
+        image = load_image(r.path, max_pixels=max_pixels)
     except ImageError as e:  # changed since it was captioned
         log.warning("%s: %s (no attention picture)", r.path, e)
         return
     attention_map.save(directory / f"{name}.png", image, r.tokens, r.attention)
-
-
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: one caption per line; tsv: path<TAB>caption; jsonl: one JSON object per image.")]
-DeviceOpt = Annotated[Device, typer.Option(help="cpu, cuda, or auto (cuda when available).")]
-BatchOpt = Annotated[int, typer.Option(help="Images per batch.", min=1)]
-MaxLenOpt = Annotated[int, typer.Option(help="Longest caption, in words.", min=1)]
-PenaltyOpt = Annotated[float, typer.Option(help="Length normalisation: score = log-prob / length ** PENALTY.")]
-AttnDirOpt = Annotated[Optional[Path], typer.Option(help="Write one attention picture (PNG) per image into this folder.")]
-WorkersOpt = Annotated[int, typer.Option(help="Image-decoding threads.", min=1)]
 
 
 @app.command()
@@ -410,35 +486,37 @@ WorkersOpt = Annotated[int, typer.Option(help="Image-decoding threads.", min=1)]
 def caption(
     paths: PathsArg = None,
     model: ModelOpt = None,
-    format: FormatOpt = Format.text,
     device: DeviceOpt = Device.auto,
-    batch_size: BatchOpt = 32,
     max_len: MaxLenOpt = 30,
     length_penalty: PenaltyOpt = 1.0,
+    format: FormatOpt = Format.text,
     attention_dir: AttnDirOpt = None,
+    batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
+    max_image_pixels: MaxPixelsOpt = MAX_IMAGE_PIXELS,
 ):
     """Caption images with greedy decoding (fast). Example: capcli caption photos/ --format tsv"""
     from capcli.sampling import DecodeOptions
 
     options = DecodeOptions(beam_size=1, max_len=max_len, length_penalty=length_penalty)
-    _caption_command(paths, model, device, batch_size, format, options, attention_dir, workers)
+    _caption_command(paths, model, device, batch_size, format, options, attention_dir, workers, max_image_pixels)
 
 
 @app.command()
 @handle_errors
 def beam(
     paths: PathsArg = None,
-    beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="Beams per image.", min=1)] = 3,
-    nbest: Annotated[int, typer.Option(help="Hypotheses per image to report (jsonl 'alternatives').", min=1)] = 1,
     model: ModelOpt = None,
-    format: FormatOpt = Format.text,
     device: DeviceOpt = Device.auto,
-    batch_size: BatchOpt = 32,
+    beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="Beams per image.", min=1, rich_help_panel=DECODING)] = 3,
+    nbest: Annotated[int, typer.Option(help="Captions per image to report (jsonl 'alternatives').", min=1, rich_help_panel=DECODING)] = 1,
     max_len: MaxLenOpt = 30,
     length_penalty: PenaltyOpt = 1.0,
+    format: FormatOpt = Format.text,
     attention_dir: AttnDirOpt = None,
+    batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
+    max_image_pixels: MaxPixelsOpt = MAX_IMAGE_PIXELS,
 ):
     """Caption images with beam search, many images decoded together. Example: capcli beam -k 5 photo.jpg"""
     if nbest > beam_size:
@@ -446,10 +524,16 @@ def beam(
     from capcli.sampling import DecodeOptions
 
     options = DecodeOptions(beam_size=beam_size, nbest=nbest, max_len=max_len, length_penalty=length_penalty)
-    _caption_command(paths, model, device, batch_size, format, options, attention_dir, workers)
+    _caption_command(paths, model, device, batch_size, format, options, attention_dir, workers, max_image_pixels)
 
 
 # --------------------------------------------------------------------------- evaluate
+
+class SplitName(str, Enum):
+    test = "test"
+    val = "val"
+    train = "train"
+
 
 @app.command()
 @handle_errors
@@ -457,37 +541,44 @@ def evaluate(
     data: DataOpt = None,
     captions: CaptionsOpt = None,
     images: ImagesOpt = None,
+    split_name: Annotated[SplitName, typer.Option("--split", help="The split to caption and score.", rich_help_panel=DATA)] = SplitName.test,
+    split_ratios: Annotated[Optional[str], typer.Option("--split-ratios", help="Train/val/test percentages (default: the model's).", rich_help_panel=DATA)] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N images of the split.", min=1, rich_help_panel=DATA)] = None,
     model: ModelOpt = None,
-    split_name: Annotated[str, typer.Option("--split", help="Which split to caption and score: test, val or train.")] = "test",
-    split_ratios: Annotated[Optional[str], typer.Option("--split-ratios", help="Train/val/test percentages for the hash split (default: those the model was trained with).")] = None,
-    beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="1: greedy; more: beam search.", min=1)] = 1,
+    device: DeviceOpt = Device.auto,
+    beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="1: greedy; more: beam search.", min=1, rich_help_panel=DECODING)] = 1,
     max_len: MaxLenOpt = 30,
     length_penalty: PenaltyOpt = 1.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object.", rich_help_panel=OUTPUT)] = False,
+    save: Annotated[Optional[Path], typer.Option("--save", help="Write the captions here (JSONL, with references).", rich_help_panel=OUTPUT)] = None,
     batch_size: BatchOpt = 32,
-    device: DeviceOpt = Device.auto,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object.")] = False,
-    save: Annotated[Optional[Path], typer.Option("--save", help="Write the generated captions here (JSONL: path, caption, references).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Score only the first N images of the split.", min=1)] = None,
+    max_image_pixels: MaxPixelsOpt = MAX_IMAGE_PIXELS,
 ):
     """Caption a split of a dataset and score it: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr."""
-    from capcli.api import Captioner
-    from capcli.datasets import load_dataset, parse_split_ratios
+    from capcli.api import Captioner, default_model_path
+    from capcli.datasets import load_dataset, parse_split_ratios, split_mismatch
     from capcli.evaluate import evaluate_model
     from capcli.sampling import DecodeOptions
 
-    if split_name not in ("train", "val", "test"):
-        raise CapcliError(f"--split {split_name!r}: choose test, val or train")
+    split_name = split_name.value
     captioner = Captioner.load(model, device.value)
-    ratios = split_ratios or captioner.training.get("split") or "90/5/5"
-    samples = load_dataset(data, captions_file=captions, images_dir=images, split_ratios=parse_split_ratios(ratios))
-    chosen = [s for s in samples if s.split == split_name][:limit]
+    # The hash split must be the one the model was trained with, or test images may have been trained on.
+    ratios = split_ratios or captioner.training.get("split")
+    ratios = parse_split_ratios(ratios) if ratios else None
+    dataset = load_dataset(data, captions_file=captions, images_dir=images, split_ratios=ratios)
+    if (trained_from := split_mismatch(captioner.training, dataset, ratios)) is not None:
+        log.warning("%s: trained on a split from %s; this evaluation's %s split comes from %s: its images may have "
+                    "been in training, scores may be inflated", model or default_model_path(), trained_from,
+                    split_name, dataset.split_source)
+    chosen = [s for s in dataset.samples if s.split == split_name][:limit]
     if not chosen:
-        raise CapcliError(f"{data or captions}: the {split_name} split is empty (split {ratios})")
+        raise CapcliError(f"{data or captions}: the {split_name} split is empty (split from {dataset.split_source})")
     reporter = RichReporter()
     reporter.start(f"captioning {split_name}", len(chosen), unit="images")
     try:
         options = DecodeOptions(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
-        scores, notes, results = evaluate_model(captioner, chosen, options, batch_size, on_result=lambda r: reporter.update(1))
+        scores, notes, results = evaluate_model(captioner, chosen, options, batch_size, max_pixels=max_image_pixels,
+                                                on_result=lambda r: reporter.update(1))
     except ValueError as e:
         raise CapcliError(str(e), exit_code=1) from None
     finally:

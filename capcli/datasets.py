@@ -2,7 +2,8 @@
 
 Layouts are recognised by what the data folder holds (see ``load_dataset``). Every caption of an
 image lands in the same split: the dataset's own split where it has one, otherwise a split by a
-hash of the image's file name, stable across machines and runs.
+hash of the image's file name, stable across machines and runs. ``load_dataset`` returns a
+``Dataset``: the samples, the layout found, where the split comes from and what was left out.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -51,6 +52,11 @@ def parse_split_ratios(text: str) -> tuple[float, float, float]:
         raise CapcliError(f"--split {text!r}: expected three numbers train/val/test such as 90/5/5")
     total = sum(values)
     return (values[0] / total, values[1] / total, values[2] / total)
+
+
+def _ratio_text(ratios: Sequence[float]) -> str:
+    """(0.9, 0.05, 0.05) -> "90/5/5"."""
+    return "/".join(f"{round(r * 100, 1):g}" for r in ratios)
 
 
 def hash_split(image_name: str, ratios: Sequence[float] = DEFAULT_SPLIT) -> str:
@@ -212,19 +218,49 @@ def _read_jsonl(path: Path, text: str) -> list[_Row]:
 
 # --------------------------------------------------------------------------- assembling samples
 
+@dataclass
+class Dataset:
+    """What ``load_dataset`` found: the samples, the layout, where the split comes from, what was left out."""
+    samples: list[Sample]
+    layout: str  # e.g. "Kaggle Flickr8k (captions.txt + Images/)"
+    split_source: str  # e.g. "hash 90/5/5 of image names"; model files record it, evaluate compares it
+    hashed: int = 0  # images split by name hash: the data gives them no split of its own
+    dropped: list[str] = field(default_factory=list)  # e.g. "5 captions of 1 image not found on disk"
+
+    def counts(self) -> dict[str, int]:
+        return split_counts(self.samples)
+
+    def summary(self) -> str:
+        c = self.counts()
+        text = (f"data: {self.layout}; split from {self.split_source}; {_plural(len(self.samples), 'image')}: "
+                f"train {c['train']}, val {c['val']}, test {c['test']}")
+        return text + (f"; dropped {', '.join(self.dropped)}" if self.dropped else "")
+
+
 # Split names other datasets use ('restval': the Karpathy split's extra training images).
 _SPLIT_ALIASES = {"restval": "train", "training": "train", "dev": "val", "valid": "val", "validation": "val", "testing": "test"}
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
 
 
 def _assemble(
     entries: Iterable[tuple[Path, str, str | None]],
     ratios: Sequence[float],
     source: str,
-) -> list[Sample]:
-    """Group (image path, caption, split or None) into Samples; skip empties, duplicates, missing images."""
+    layout: str,
+    own_split: str,
+    dropped: Sequence[str] = (),
+) -> Dataset:
+    """Group (image path, caption, split or None) into a Dataset; skip empties, duplicates, missing images.
+
+    ``own_split`` says where the data's own splits come from; images without one are split by name hash.
+    """
     captions: dict[Path, list[str]] = {}
     splits: dict[Path, str | None] = {}
     seen: set[tuple[Path, str]] = set()
+    dropped = list(dropped)
     empty = duplicates = 0
     for image_path, caption, split in entries:
         caption = " ".join(caption.split())
@@ -242,12 +278,14 @@ def _assemble(
         else:
             splits.setdefault(image_path, None)
     if empty:
-        log.warning("%s: skipped %d empty caption%s", source, empty, "s" * (empty != 1))
+        log.warning("%s: skipped %s", source, _plural(empty, "empty caption"))
+        dropped.append(_plural(empty, "empty caption"))
     if duplicates:
-        log.warning("%s: skipped %d duplicate caption%s", source, duplicates, "s" * (duplicates != 1))
+        log.warning("%s: skipped %s", source, _plural(duplicates, "duplicate caption"))
+        dropped.append(_plural(duplicates, "duplicate caption"))
     if not captions:
         raise CapcliError(f"{source}: no usable captions (all are empty)" if empty else f"{source}: no captions in the file")
-    samples, missing_images, missing_captions, unknown_splits = [], 0, 0, Counter()
+    samples, missing_images, missing_captions, unknown_splits, hashed = [], 0, 0, Counter(), 0
     for image_path, caps in captions.items():
         if not image_path.is_file():
             missing_images += 1
@@ -258,12 +296,12 @@ def _assemble(
             if split is not None:
                 unknown_splits[split] += 1
             split = hash_split(image_path.name, ratios)
+            hashed += 1
         samples.append(Sample(image_path, tuple(caps), split))
     if missing_images:
-        log.warning(
-            "%s: skipped %d caption%s of %d image%s not found on disk",
-            source, missing_captions, "s" * (missing_captions != 1), missing_images, "s" * (missing_images != 1),
-        )
+        what = f"{_plural(missing_captions, 'caption')} of {_plural(missing_images, 'image')} not found on disk"
+        log.warning("%s: skipped %s", source, what)
+        dropped.append(what)
     if unknown_splits:
         names = ", ".join(repr(k) for k in sorted(unknown_splits))
         n = sum(unknown_splits.values())
@@ -271,7 +309,9 @@ def _assemble(
     if not samples:
         raise CapcliError(f"{source}: no usable captions (none of the {missing_images} images they name is on disk)")
     samples.sort(key=lambda s: str(s.image_path))
-    return samples
+    by_hash = f"hash {_ratio_text(ratios)} of image names"
+    split_source = own_split if hashed == 0 else by_hash if hashed == len(samples) else f"{own_split}; images without one: {by_hash}"
+    return Dataset(samples, layout, split_source, hashed, dropped)
 
 
 def _find(root: Path, names: Sequence[str]) -> Path | None:
@@ -291,9 +331,9 @@ def load_dataset(
     *,
     captions_file: str | Path | None = None,
     images_dir: str | Path | None = None,
-    split_ratios: Sequence[float] = DEFAULT_SPLIT,
-) -> list[Sample]:
-    """Find the captions and images under ``data_dir`` (or the explicit files) and return Samples.
+    split_ratios: Sequence[float] | None = None,
+) -> Dataset:
+    """Find the captions and images under ``data_dir`` (or the explicit files) and return a Dataset.
 
     Recognised layouts, tried in this order:
       1. Karpathy split JSON: dataset_flickr8k.json / dataset_flickr30k.json / dataset_coco.json
@@ -301,32 +341,47 @@ def load_dataset(
       3. Original Flickr8k: Flickr8k.token.txt (+ Flickr_8k.{train,dev,test}Images.txt), Flicker8k_Dataset/
       4. Kaggle Flickr8k: captions.txt + Images/
       5. Generic: ``captions_file`` (CSV, TSV, JSONL) + ``images_dir``
+    ``split_ratios`` (train, val, test; None: 90/5/5) split the images the data gives no split, by
+    name hash. Logs one line saying what was found.
     """
+    ratios = DEFAULT_SPLIT if split_ratios is None else tuple(split_ratios)
     if captions_file is not None:
         captions_file = Path(captions_file)
         images = Path(images_dir) if images_dir is not None else captions_file.parent
         if not images.is_dir():
             raise CapcliError(f"{images}: image folder not found")
         rows = read_caption_table(captions_file)
-        return _assemble(((images / r.image, r.caption, r.split) for r in rows), split_ratios, str(captions_file))
-    if data_dir is None:
-        raise CapcliError("give --data DIR, or --captions FILE with --images DIR")
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise CapcliError(f"{root}: data folder not found")
-    images = Path(images_dir) if images_dir is not None else None
+        source = str(captions_file)
+        dataset = _assemble(((images / r.image, r.caption, r.split) for r in rows), ratios, source,
+                            f"caption file {captions_file.name}", "the file's split column")
+    else:
+        if data_dir is None:
+            raise CapcliError("give --data DIR, or --captions FILE with --images DIR")
+        root = Path(data_dir)
+        if not root.is_dir():
+            raise CapcliError(f"{root}: data folder not found")
+        source = str(root)
+        dataset = _load_folder(root, Path(images_dir) if images_dir is not None else None, ratios)
+    if dataset.hashed == 0 and _ratio_text(ratios) != _ratio_text(DEFAULT_SPLIT):
+        log.warning("%s: split ratios %s not used: the split comes from %s", source, _ratio_text(ratios), dataset.split_source)
+    log.info("%s", dataset.summary())
+    return dataset
 
+
+def _load_folder(root: Path, images: Path | None, ratios: Sequence[float]) -> Dataset:
     if karpathy := _find(root, ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")):
-        return _load_karpathy(karpathy, root, images, split_ratios)
+        return _load_karpathy(karpathy, root, images, ratios)
     coco = sorted((root / "annotations").glob("captions_*.json")) if (root / "annotations").is_dir() else []
     if coco:
-        return _load_coco(coco, root, images, split_ratios)
+        return _load_coco(coco, root, images, ratios)
     if token := _find(root, ("Flickr8k.token.txt",)):
-        return _load_flickr8k_original(token, root, images, split_ratios)
+        return _load_flickr8k_original(token, root, images, ratios)
     if (root / "captions.txt").is_file():
         images = images or _first_dir(root, ("Images", "images")) or root
         rows = read_caption_table(root / "captions.txt")
-        return _assemble(((images / r.image, r.caption, r.split) for r in rows), split_ratios, str(root / "captions.txt"))
+        layout = f"Kaggle Flickr8k (captions.txt + {images.name}/)" if images != root else "Kaggle Flickr8k (captions.txt)"
+        return _assemble(((images / r.image, r.caption, r.split) for r in rows), ratios, str(root / "captions.txt"),
+                         layout, "the file's split column")
     raise CapcliError(
         f"{root}: no dataset found (expected captions.txt + Images/, Flickr8k.token.txt, "
         f"dataset_*.json, or annotations/captions_*.json; or use --captions FILE --images DIR)"
@@ -340,7 +395,7 @@ def _load_json(path: Path) -> object:
         raise CapcliError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
-def _load_karpathy(path: Path, root: Path, images: Path | None, ratios) -> list[Sample]:
+def _load_karpathy(path: Path, root: Path, images: Path | None, ratios) -> Dataset:
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CapcliError(f"{path}: not a Karpathy split file (no 'images' list)")
@@ -365,17 +420,35 @@ def _load_karpathy(path: Path, root: Path, images: Path | None, ratios) -> list[
             for sentence in sentences:
                 yield image_path, sentence, split
 
-    return _assemble(entries(), ratios, str(path))
+    return _assemble(entries(), ratios, str(path), f"Karpathy split ({path.name})", f"the Karpathy split in {path.name}")
 
 
-def _load_coco(files: list[Path], root: Path, images: Path | None, ratios) -> list[Sample]:
+_COCO_YEAR = re.compile(r"(20\d\d)$")
+
+
+def _load_coco(files: list[Path], root: Path, images: Path | None, ratios) -> Dataset:
     """COCO annotation files; train files -> train, val files -> half val, half test (by hash)."""
+    stems = {path: path.stem.split("_", 1)[-1] for path in files}  # captions_train2014 -> train2014
+    years = {path: m.group(1) if (m := _COCO_YEAR.search(stem)) else None for path, stem in stems.items()}
+    if {"2014", "2017"} <= set(years.values()):
+        # train2017 = train2014 + most of val2014: with both years, val2014 images would be trained on.
+        log.warning("%s: both COCO 2014 and 2017 captions found; using 2014 only, as Karpathy's split and most "
+                    "captioning papers do (2017's train set holds 2014's val images, which would leak into "
+                    "training); remove one year's files to choose", files[0].parent)
+        files = [path for path in files if years[path] != "2017"]
+    train_stems = [stems[p] for p in files if "train" in stems[p]]
+    val_stems = [stems[p] for p in files if "train" not in stems[p]]
+    used_years = sorted({years[p] for p in files if years[p]})
+    layout = f"COCO {'+'.join(used_years)} annotations" if used_years else "COCO annotations"
+    rules = ([f"{', '.join(train_stems)} -> train"] if train_stems else []) + \
+            ([f"{', '.join(val_stems)} -> half val / half test by name hash"] if val_stems else [])
+
     def entries():
         for path in files:
             data = _load_json(path)
             if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
                 raise CapcliError(f"{path}: not a COCO captions file (needs 'images' and 'annotations')")
-            stem = path.stem.split("_", 1)[-1]  # captions_train2014 -> train2014
+            stem = stems[path]
             folder = images or _first_dir(root, (stem, f"images/{stem}")) or root
             try:
                 names = {img["id"]: str(img["file_name"]) for img in data["images"]}
@@ -386,6 +459,7 @@ def _load_coco(files: list[Path], root: Path, images: Path | None, ratios) -> li
             unknown = sum(name is None for name, _ in anns)
             if unknown:
                 log.warning("%s: skipped %d caption%s of unknown image ids", path, unknown, "s" * (unknown != 1))
+                dropped.append(f"{_plural(unknown, 'caption')} of unknown image ids in {path.name}")
             is_train = "train" in stem
             for name, caption in anns:
                 if name is None:
@@ -393,17 +467,42 @@ def _load_coco(files: list[Path], root: Path, images: Path | None, ratios) -> li
                 split = "train" if is_train else ("val" if hash_split(name, (0, 0.5, 0.5)) == "val" else "test")
                 yield folder / name, caption, split
 
-    return _assemble(entries(), ratios, str(files[0].parent))
+    dropped: list[str] = []  # filled while _assemble reads the entries
+    dataset = _assemble(entries(), ratios, str(files[0].parent), layout, "COCO: " + ", ".join(rules))
+    dataset.dropped[:0] = dropped
+    return dataset
 
 
-def _load_flickr8k_original(token: Path, root: Path, images: Path | None, ratios) -> list[Sample]:
+_FLICKR8K_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+
+
+def _load_flickr8k_original(token: Path, root: Path, images: Path | None, ratios) -> Dataset:
+    """Flickr8k.token.txt; the official split files decide the split, any of them may be missing.
+
+    With all three, images none of them lists are left out, as in the papers; with some, those
+    images go to the splits whose files are missing, by name hash in the ratios of those splits.
+    """
     folder = images or _first_dir(root, ("Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")) or root
     split_of: dict[str, str] = {}
-    for split, name in (("train", "Flickr_8k.trainImages.txt"), ("val", "Flickr_8k.devImages.txt"), ("test", "Flickr_8k.testImages.txt")):
-        if listing := _find(root, (name,)):
-            for line in _open_text(listing).splitlines():
-                if line.strip():
-                    split_of[line.strip()] = split
+    not_on_disk: list[tuple[str, Path]] = []
+    listings = {split: _find(root, (name,)) for split, name in _FLICKR8K_SPLIT_FILES.items()}
+    for split, listing in listings.items():
+        for line in _open_text(listing).splitlines() if listing else ():
+            if name := line.strip():
+                split_of[name] = split
+                if not (folder / name).is_file():
+                    not_on_disk.append((name, listing))
+    if not_on_disk:
+        name, listing = not_on_disk[0]
+        log.warning("%s: %s named in the split files %s not on disk (first: %s, in %s)", folder,
+                    _plural(len(not_on_disk), "image"), "are" if len(not_on_disk) != 1 else "is", name, listing.name)
+
+    found = [split for split, listing in listings.items() if listing]
+    missing = [split for split in SPLITS if split not in found]
+    # The ratios of the splits without a file, for the images no file lists (all 0: they are left out).
+    rest = [r if split in missing else 0.0 for split, r in zip(SPLITS, ratios)]
+    rest = [r / sum(rest) for r in rest] if found and sum(rest) > 0 else None
+    unlisted: set[str] = set()
 
     def entries():
         for line_no, line in enumerate(_open_text(token).splitlines(), 1):
@@ -413,14 +512,51 @@ def _load_flickr8k_original(token: Path, root: Path, images: Path | None, ratios
             if not sep:
                 raise CapcliError(f"{token}:{line_no}: expected 'name.jpg#N<TAB>caption'")
             name = key.split("#")[0].strip()
-            # With official split files, images they do not list are left out, as in the papers.
-            split = split_of.get(name, "unlisted" if split_of else None)
-            if split != "unlisted":
-                yield folder / name, caption, split
+            split = split_of.get(name)
+            if split is None and found:
+                unlisted.add(name)
+                if rest is None:
+                    continue  # left out
+                split = hash_split(name, rest)
+            yield folder / name, caption, split
 
-    return _assemble(entries(), ratios, str(token))
+    layout = f"original Flickr8k ({token.name} + {folder.name}/)"
+    if not found:
+        return _assemble(entries(), ratios, str(token), layout, "no split files")  # every image by name hash
+    if not missing:
+        own = "the official split files Flickr_8k.{train,dev,test}Images.txt"
+    else:
+        own = f"the official split file{'s' * (len(found) > 1)} {', '.join(_FLICKR8K_SPLIT_FILES[s] for s in found)}"
+        if rest is not None:
+            into = {s: r for s, r in zip(SPLITS, ratios) if s in missing and r > 0}  # e.g. train 0.9, val 0.05
+            shares = ":".join(f"{round(r * 100, 1):g}" for r in into.values())
+            own += f"; images in none of them: hash {shares} of image names into {'/'.join(into)}"
+    dataset = _assemble(entries(), ratios, str(token), layout, own)
+    if rest is not None:  # the unlisted images were split by hash, here rather than in _assemble
+        dataset.hashed = sum(s.image_path.name in unlisted for s in dataset.samples)
+    elif unlisted:
+        log.warning("%s: left out %s that no split file lists (as in the papers)", token, _plural(len(unlisted), "image"))
+        dataset.dropped.append(f"{_plural(len(unlisted), 'image')} in no split file")
+    return dataset
 
 
 def split_counts(samples: Sequence[Sample]) -> dict[str, int]:
     counts = Counter(s.split for s in samples)
     return {s: counts.get(s, 0) for s in SPLITS}
+
+
+def split_mismatch(trained: dict, dataset: Dataset, ratios: Sequence[float] | None) -> str | None:
+    """Where a model's training split came from, when ``dataset``'s split may differ from it; else None.
+
+    ``trained``: the model file's training summary ("split": ratios such as "80/10/10", "split_source":
+    the training data's Dataset.split_source); ``ratios``: those ``dataset`` was loaded with (None: 90/5/5).
+    """
+    if trained.get("split_source"):
+        return None if trained["split_source"] == dataset.split_source else trained["split_source"]
+    if not trained.get("split"):
+        return "a source the model file does not record"
+    # Older model files record only the ratios: compare those, where they decide the split.
+    recorded = _ratio_text(parse_split_ratios(trained["split"]))
+    if dataset.hashed and recorded != _ratio_text(DEFAULT_SPLIT if ratios is None else ratios):
+        return f"hash {recorded} of image names"
+    return None

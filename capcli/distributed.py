@@ -138,8 +138,7 @@ def exit_process(code: int) -> NoReturn:
     DistributedDataParallel keeps the group referenced from C++, so destroy_process_group() cannot
     join Gloo's worker threads; one of them that drops the last reference to a finished collective
     during shutdown takes the GIL, is torn down and aborts the process ("terminate called without
-    an active exception", SIGABRT), which torchrun reports as a failed job. Measured: 3 of 50 CPU
-    runs of the 2-process training test, after training had finished and everything was written.
+    an active exception", SIGABRT), which torchrun reports as a failed job (docs/performance-notes.md).
     Everything capcli writes is complete (checkpoints are renamed into place), so flush and leave.
     """
     logging.shutdown()
@@ -168,6 +167,35 @@ def training_device(ctx: DistContext, name: str) -> torch.device:
 def backend_name(ctx: DistContext, device: torch.device) -> str:
     """The backend that carries the gradients: nccl on CUDA, gloo on the CPU."""
     return "nccl" if device.type == "cuda" else "gloo"
+
+
+def wrap_ddp(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel around ``net``, on this process's device."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    # BatchNorm is frozen (eval mode): no buffers to sync at every forward.
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else {"broadcast_buffers": False})
+    return DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def log_batch_plan(ctx: DistContext, device: torch.device, batch_size: int, lr: float) -> None:
+    """Say how the global batch is shared out and that the learning rate is not scaled."""
+    import math
+
+    per_rank = batch_size / ctx.world_size
+    log.info(
+        "distributed: %d processes on %d machine(s), %s on %s; global batch %d captions "
+        "(--batch-size is the global batch: %s per process); learning rate %g as given, not scaled "
+        "with the number of processes: a run matches one process with the same --batch-size",
+        ctx.world_size, max(1, ctx.world_size // max(ctx.local_world_size, 1)), backend_name(ctx, device),
+        device.type, batch_size,
+        f"{per_rank:g}" if per_rank == int(per_rank) else f"{math.floor(per_rank)}-{math.ceil(per_rank)}", lr)
+    if batch_size < ctx.world_size:
+        log.warning("--batch-size %d is smaller than the %d processes: some have nothing to do at each step",
+                    batch_size, ctx.world_size)
 
 
 # --------------------------------------------------------------------------- errors

@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from capcli.choices import ENCODERS
 from capcli.errors import CapcliError
 from capcli.files import FileProblem, read_state_dict
-
-ENCODERS = ("lite0", "resnet50", "resnet101", "resnet152")  # plus "timm:<name>"
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -72,8 +71,8 @@ class _InvertedResidual(nn.Module):
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 feature extractor, parameter for parameter timm's ``tf_efficientnet_lite0``.
 
-    Written out here (~40 lines) rather than built by timm because importing timm costs ~2.5 s of
-    start-up on every ``capcli caption``; tests check it against timm output for output.
+    Written out here rather than built by timm, whose import is slow, so that ``capcli caption``
+    starts fast; tests check it against timm output for output.
     """
 
     # (repeats, kernel, stride, expansion, out channels) per stage

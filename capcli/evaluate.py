@@ -8,6 +8,7 @@ import io
 import shutil
 from typing import Mapping, Sequence
 
+from capcli.images import MAX_IMAGE_PIXELS
 from capcli.vocab import tokenize
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -101,17 +102,19 @@ def score_captions(
     return {m: scores[m] for m in METRICS if m in scores}, notes
 
 
-def evaluate_model(captioner, samples, options, batch_size: int = 32, tokenizer: str = "auto", on_result=None):
+def evaluate_model(captioner, samples, options, batch_size: int = 32, tokenizer: str = "auto", on_result=None,
+                   max_pixels: int = MAX_IMAGE_PIXELS):
     """Caption every sample's image with ``captioner`` and score against all of its references.
 
     ``options`` is a sampling.DecodeOptions (nbest is ignored: one caption per image is scored).
     Returns (scores, notes, results); unreadable images are left out of the scores and listed in
-    notes. ``on_result(result)`` is called as each caption is made (for progress bars).
+    notes. ``on_result(result)`` is called as each caption is made (for progress bars). Images of
+    more than ``max_pixels`` pixels are refused as unreadable (0: no limit).
     """
     references, candidates, results, failed = {}, {}, [], []
     by_path = {str(s.image_path): s for s in samples}
     options = dataclasses.replace(options, nbest=1)
-    for r in captioner.caption_stream([s.image_path for s in samples], options, batch_size):
+    for r in captioner.caption_stream([s.image_path for s in samples], options, batch_size, max_pixels=max_pixels):
         results.append(r)
         if on_result is not None:
             on_result(r)

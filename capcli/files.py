@@ -68,14 +68,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def append_line(path: str | Path, line: str) -> None:
-    """Append one line and sync it (a log that survives a crash right after)."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line.rstrip("\n") + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def read_json(path: str | Path, what: str = "JSON") -> object:
     path = Path(path)
     try:

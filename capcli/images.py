@@ -1,4 +1,4 @@
-"""Image files -> upright RGB pictures -> pixels, and threaded batch loading in input order.
+"""Image files and URLs -> upright RGB pictures -> pixels, and threaded batch loading in input order.
 
 Loader threads only decode and resize with Pillow; normalising happens per batch in the caller
 (``normalize_pixels``), see ``image_batches`` for why.
@@ -6,44 +6,64 @@ Loader threads only decode and resize with Pillow; normalising happens per batch
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import struct
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from capcli import __version__
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
-MAX_IMAGE_PIXELS = 178_956_970  # Pillow's own bomb limit; larger images are refused, not decoded
+# Pillow's hard limit (2x its Image.MAX_IMAGE_PIXELS, which only warns): larger images are refused,
+# from their header, before anything is decoded. 0 means no limit.
+MAX_IMAGE_PIXELS = 178_956_970
+
+URL_TIMEOUT = 30.0  # seconds for a whole download
+URL_MAX_BYTES = 50 * 1024 * 1024
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # two letters at least: C:// is a Windows drive
 
 
 class ImageError(Exception):
     """One image could not be used; the message says why (shown as ``capcli: PATH: reason``)."""
 
 
-def load_image(path: str | Path, draft_size: int | None = None):
-    """Open an image file as an RGB PIL image, whatever its mode, orientation or frame count.
+def is_url(item) -> bool:
+    """A string that starts with a scheme (https://...); Path objects are always files."""
+    return isinstance(item, str) and _URL.match(item) is not None
+
+
+def load_image(source: str | Path, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+    """Open an image file or http(s) URL as an RGB PIL image, whatever its mode, orientation or
+    frame count.
 
     EXIF orientation is applied; grayscale, CMYK, palette, 16-bit and alpha images become RGB
-    (transparency composited on white); animated images give their first frame. Raises
-    ImageError with a one-line reason for anything that is not a readable image.
+    (transparency composited on white); animated images give their first frame. JPEGs are decoded
+    at the smallest scale (1/2, 1/4, 1/8) still at least ``draft_size`` pixels on each side. Images
+    over ``max_pixels`` (0: no limit) are refused from their header. Raises ImageError with a
+    one-line reason for anything that is not a readable image.
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
+    if is_url(source):
+        data = fetch_url(source)
+        fp, head = io.BytesIO(data), data[:16]
+    else:
+        fp = Path(source)
+        head = None
     try:
-        # Image.open reads only the header; that is where Pillow warns of a decompression bomb.
-        # catch_warnings changes process-wide state, so images opened in parallel threads
-        # (image_batches) take turns here; the slow decoding below runs outside the lock.
-        with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+        img = _open(fp)
         with img:
-            if img.width * img.height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"image too large ({img.width}x{img.height} pixels)")
-            if draft_size and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))  # decode at reduced scale: much faster
-            img.seek(0)
+            if max_pixels and img.width * img.height > max_pixels:
+                raise ImageError(f"image too large ({img.width}x{img.height} pixels, more than the limit of "
+                                 f"{max_pixels}; see --max-image-pixels)")
+            if draft_size:
+                img.draft("RGB", (draft_size, draft_size))  # JPEG only (a no-op for others); before load()
             img.load()
             return to_rgb(img)
     except ImageError:
@@ -55,9 +75,9 @@ def load_image(path: str | Path, draft_size: int | None = None):
     except PermissionError:
         raise ImageError("permission denied") from None
     except UnidentifiedImageError:
-        raise ImageError(_unidentified_reason(path)) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError("image too large (decompression bomb limit)") from None
+        raise ImageError(_unidentified_reason(head if head is not None else _file_head(fp))) from None
+    except Image.DecompressionBombError:  # a frame or tile over Pillow's own limit, met while decoding
+        raise ImageError("image too large for Pillow (see PIL.Image.MAX_IMAGE_PIXELS)") from None
     except OSError as e:
         reason = e.strerror or str(e) or e.__class__.__name__
         if e.strerror:
@@ -74,17 +94,99 @@ def load_image(path: str | Path, draft_size: int | None = None):
 _OPEN_LOCK = threading.Lock()
 
 
+def _open(fp: Path | io.BytesIO):
+    """Image.open (reads only the header), without Pillow's size limits: load_image checks the
+    size itself, per call, where Pillow's limit is one setting for the whole process."""
+    from PIL import Image
+
+    # catch_warnings changes process-wide state, so images opened in parallel threads
+    # (image_batches) take turns here; the slow decoding runs outside the lock.
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            return Image.open(fp)
+        except Image.DecompressionBombError:  # over Pillow's hard limit: open it as Image.open would, unchecked
+            return _open_unchecked(fp)
+
+
+def _open_unchecked(fp: Path | io.BytesIO):
+    """Image.open's own loop over the registered formats, minus its size check."""
+    from PIL import Image, UnidentifiedImageError
+
+    prefix = fp.getvalue()[:16] if isinstance(fp, io.BytesIO) else _file_head(fp)
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        accepted = accept(prefix) if accept else True
+        if accepted and not isinstance(accepted, str):  # a str is Pillow's "almost, but no"
+            try:
+                if isinstance(fp, io.BytesIO):
+                    fp.seek(0)
+                return factory(fp)
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+    raise UnidentifiedImageError(f"cannot identify image file {fp!r}")
+
+
+def fetch_url(url: str) -> bytes:
+    """Download an http(s) URL into memory: at most URL_MAX_BYTES, within about URL_TIMEOUT seconds."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise ImageError(f"unsupported URL scheme {scheme}:// (http and https only)")
+    too_large = ImageError(f"larger than {URL_MAX_BYTES / 2**20:g} MB")
+    timed_out = ImageError(f"timed out after {URL_TIMEOUT:g} s")
+    request = urllib.request.Request(url, headers={"User-Agent": f"capcli/{__version__}"})
+    deadline = time.monotonic() + URL_TIMEOUT  # the socket timeout is per read; this bounds the whole
+    try:
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
+            length = response.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > URL_MAX_BYTES:
+                raise too_large
+            chunks, total = [], 0
+            while chunk := response.read(1 << 16):
+                total += len(chunk)
+                if total > URL_MAX_BYTES:
+                    raise too_large
+                if time.monotonic() > deadline:
+                    raise timed_out
+                chunks.append(chunk)
+    except ImageError:
+        raise
+    except urllib.error.HTTPError as e:
+        raise ImageError(f"HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:  # refused, unknown host, TLS: no response at all
+        if isinstance(e.reason, TimeoutError):
+            raise timed_out from None
+        reason = getattr(e.reason, "strerror", None) or str(e.reason)
+        raise ImageError(f"cannot connect: {reason[:1].lower() + reason[1:]}") from None
+    except TimeoutError:
+        raise timed_out from None
+    except (http.client.InvalidURL, ValueError) as e:  # spaces, a bad port
+        raise ImageError(f"invalid URL ({e})") from None
+    except (http.client.HTTPException, OSError) as e:  # cut off mid-way
+        raise ImageError(f"download failed ({e.__class__.__name__}: {e})") from None
+    if not chunks:
+        raise ImageError("empty response")
+    return b"".join(chunks)
+
+
 # Signatures of the common image formats: a file that starts like one but that Pillow cannot
 # identify is a damaged image (cut off within its header), not some other kind of file.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
 
 
-def _unidentified_reason(path: Path) -> str:
+def _file_head(path: Path) -> bytes:
     try:
         with open(path, "rb") as f:
-            head = f.read(16)
+            return f.read(16)
     except OSError:
-        head = b"?"
+        return b"?"
+
+
+def _unidentified_reason(head: bytes) -> str:
     if not head:
         return "empty file"
     if head.startswith(_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
@@ -149,8 +251,9 @@ def image_to_tensor(img, size: int, mean: Sequence[float], std: Sequence[float])
     return normalize_pixels(image_to_pixels(img, size)[None], mean, std)[0]  # (3, S, S)
 
 
-def expand_paths(inputs: Iterable[str]) -> Iterator[Path]:
-    """Yield image paths from files, directories (recursively, sorted) and '-' (paths on stdin).
+def expand_paths(inputs: Iterable[str]) -> Iterator[Path | str]:
+    """Yield image paths from files, directories (recursively, sorted) and '-' (paths on stdin);
+    URLs (https://...) are yielded as they are, strings.
 
     Explicit files are yielded whatever their suffix (they may fail to load later, and are then
     reported); inside directories only files with image suffixes are taken. Symbolic links are
@@ -164,6 +267,9 @@ def expand_paths(inputs: Iterable[str]) -> Iterator[Path]:
                 line = line.rstrip("\r\n")
                 if line:
                     yield from expand_paths([line])
+            continue
+        if is_url(item):
+            yield item  # never Path(item): that turns https://host into https:/host
             continue
         path = Path(item)
         if path.is_dir():
@@ -188,40 +294,43 @@ def _walk_images(root: Path) -> list[Path]:
 
 
 def image_batches(
-    paths: Iterable[Path],
+    images: Iterable,
     size: int,
     batch_size: int,
     workers: int = 2,
     overlap: bool = True,
-) -> Iterator[list[tuple[Path, object]]]:
-    """Load images in ``workers`` threads; yield batches of (path, (S, S, 3) uint8 pixels or
-    ImageError), in input order. The caller normalises each batch (normalize_pixels).
+    max_pixels: int = MAX_IMAGE_PIXELS,
+) -> Iterator[list[tuple[object, object]]]:
+    """Load images (paths, URLs or PIL images) in ``workers`` threads; yield batches of (the item
+    as given, (S, S, 3) uint8 pixels or ImageError), in input order. The caller normalises each
+    batch (normalize_pixels).
 
     overlap=True (for a GPU, which leaves the CPU free): the next batch loads while the caller
     works on this one. overlap=False (on the CPU): a batch loads when it is asked for, and nothing
-    loads while the caller computes. There the model already keeps every core busy; loader threads
-    beside it made the encoder ~1.6x slower, for the little time they save (measured on 2 cores:
-    beam 3 went from 0.6x to 0.8x of the encoder-only bound). Loader threads never run torch
-    arithmetic: a thread that does gets its own OpenMP team, and those extra threads slowed every
-    model operation about as much, even while the loaders sat idle.
-    At most two batches are in memory: a folder of any size streams in bounded memory.
+    loads while the caller computes, since the model already keeps every core busy. Loader threads
+    never run torch arithmetic: a thread that does gets its own OpenMP team, which slows every model
+    operation (docs/performance-notes.md has the measurements). At most two batches are in memory: a folder of any size streams in bounded memory.
     """
     from concurrent.futures import ThreadPoolExecutor
     from itertools import islice
 
-    def work(path: Path):
+    from PIL import Image
+
+    def work(item):
         try:
-            return image_to_pixels(load_image(path, draft_size=size), size)
+            if isinstance(item, Image.Image):
+                return image_to_pixels(to_rgb(item), size)
+            return image_to_pixels(load_image(item, draft_size=size, max_pixels=max_pixels), size)
         except ImageError as e:
             return e
 
-    source = iter(paths)
+    source = iter(images)
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="capcli-images") as pool:
         def submit() -> list:
-            return [(path, pool.submit(work, path)) for path in islice(source, batch_size)]
+            return [(item, pool.submit(work, item)) for item in islice(source, batch_size)]
 
         pending = submit()
         while pending:
             upcoming = submit() if overlap else None
-            yield [(path, future.result()) for path, future in pending]
+            yield [(item, future.result()) for item, future in pending]
             pending = upcoming if overlap else submit()

@@ -16,11 +16,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from capcli.encoders import ENCODERS, Encoder
+from capcli.choices import check_names
+from capcli.encoders import Encoder
 from capcli.errors import CapcliError
 
-ATTENTIONS = ("additive", "general", "dot", "none")
-RNNS = ("lstm", "gru")
 
 
 @dataclass
@@ -50,12 +49,7 @@ class ModelConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.encoder not in ENCODERS and not self.encoder.startswith("timm:"):
-            raise CapcliError(f"unknown encoder {self.encoder!r} (choose {', '.join(ENCODERS)} or timm:NAME)")
-        if self.attention not in ATTENTIONS:
-            raise CapcliError(f"unknown attention {self.attention!r} (choose {', '.join(ATTENTIONS)})")
-        if self.rnn not in RNNS:
-            raise CapcliError(f"unknown rnn {self.rnn!r} (choose {', '.join(RNNS)})")
+        check_names(self.encoder, self.attention, self.rnn)
         if self.image_size < 32 or self.grid < 0:
             raise CapcliError("image size must be >= 32 and grid >= 0")
 
@@ -141,7 +135,6 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         D, H, E, V = cfg.feature_dim, cfg.decoder_dim, cfg.embed_dim, cfg.vocab_size
-        self.rnn_type = cfg.rnn
         self.attention = _ATTENTION[cfg.attention](D, H, cfg.attention_dim)
         self.embedding = nn.Embedding(V, E)
         self.init_h = nn.Linear(D, H)
@@ -215,23 +208,15 @@ class CaptionModel(nn.Module):
 
 # =========================================================================== loss
 
-def caption_loss(decoder, features: torch.Tensor, padded: torch.Tensor, lengths: list[int],
-                 label_smoothing: float = 0.0, attention_reg: float = 0.0):
-    """Teacher-forced loss. Returns (loss to minimise, summed word NLL, word count).
+def caption_loss(logits: torch.Tensor, alphas: torch.Tensor, padded: torch.Tensor, lengths: list[int],
+                 label_smoothing: float = 0.0, attention_reg: float = 0.0, total_words: int | None = None,
+                 total_captions: int | None = None, scale: float = 1.0):
+    """Teacher-forced loss from ``Decoder.forward``'s outputs: (loss to minimise, summed word NLL
+    as a detached tensor, word count).
 
     The doubly stochastic penalty is lambda * mean_i (1 - sum_t alpha_ti)^2: the paper's sum over
     the L cells, divided by L so that one lambda suits any grid size (with the plain sum, 49-196
     cells make it dwarf the word loss at lambda = 1).
-    """
-    logits, alphas = decoder(features, padded, lengths)  # (N, T, V), (N, T, L)
-    loss, nll, words = loss_terms(logits, alphas, padded, lengths, label_smoothing, attention_reg)
-    return loss, float(nll), words
-
-
-def loss_terms(logits: torch.Tensor, alphas: torch.Tensor, padded: torch.Tensor, lengths: list[int],
-               label_smoothing: float = 0.0, attention_reg: float = 0.0, total_words: int | None = None,
-               total_captions: int | None = None, scale: float = 1.0):
-    """caption_loss from the decoder's outputs: (loss, summed word NLL as a detached tensor, words).
 
     The means are sums divided by ``total_words`` / ``total_captions`` (default: this batch's own).
     Under DistributedDataParallel each rank holds part of a global batch and DDP averages the

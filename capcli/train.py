@@ -1,9 +1,8 @@
-"""Training: feature cache, length-bucketed batches, teacher forcing, validation, checkpoints, resume.
+"""Training: the loop, validation, checkpoints, resume. Teacher-forced cross-entropy on ``Decoder.step``.
 
-With a frozen encoder (the default) every image is encoded once, into an fp16 cache under the
-run folder, and the encoder is off the hot path: an epoch only runs the decoder. With
-``fine_tune_encoder`` batches are drawn by image, and each image's encoder output is shared by
-all of its captions, so the encoder still runs once per image per epoch.
+Features come from a feature source (capcli.feature_sources): the cache of a frozen encoder (the
+default: every image encoded once, an epoch only runs the decoder) or the encoder itself when it
+is fine-tuned. The loop does not know which.
 
 Under torchrun (``torchrun --nproc-per-node N -m capcli train ...``) the same code trains one
 model with DistributedDataParallel; see capcli.distributed and ``Trainer``. --batch-size stays
@@ -17,116 +16,43 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from capcli import checkpoint, distributed
+from capcli.curves import save_curves
 from capcli.datasets import Sample, load_dataset, parse_split_ratios, split_counts
 from capcli.devices import amp_enabled, autocast
 from capcli.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
 from capcli.evaluate import score_captions
 from capcli.feature_cache import build_feature_cache, cache_key
-from capcli.files import atomic_write_bytes
-from capcli.images import ImageError, image_batches, normalize_pixels
-from capcli.model import CaptionModel, ModelConfig, caption_loss, loss_terms
+from capcli.feature_sources import CachedFeatures, CaptionSet, EncodedImages, length_bucketed_batches
+from capcli.files import atomic_write, atomic_write_bytes
+from capcli.model import CaptionModel, ModelConfig, caption_loss
 from capcli.progress import Reporter
 from capcli.sampling import greedy
 from capcli.signals import defer_sigint, ignore_sigint
+from capcli.train_config import RESUMABLE, TrainConfig
 from capcli.vocab import PAD, Vocab
 
 log = logging.getLogger("capcli")
 
-
-@dataclass
-class TrainConfig:
-    out: str = "runs/capcli"
-    # data
-    data: str | None = None
-    captions: str | None = None
-    images: str | None = None
-    split: str = "90/5/5"
-    vocab: str | None = None
-    min_freq: int = 5
-    max_len: int = 50
-    max_bad_fraction: float = 0.01  # stop when more of the images than this cannot be read
-    # model
-    encoder: str = "lite0"
-    encoder_weights: str | None = None
-    image_size: int = 224
-    grid: int = 0
-    attention: str = "additive"
-    rnn: str = "lstm"
-    embed_dim: int = 256
-    attention_dim: int = 256
-    decoder_dim: int = 512
-    dropout: float = 0.5
-    # optimisation
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 4e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0
-    attention_reg: float = 1.0  # lambda of the doubly stochastic attention penalty
-    label_smoothing: float = 0.0
-    fine_tune_encoder: bool = False
-    encoder_lr: float = 1e-4
-    patience: int = 5  # early stop after this many epochs without a better val BLEU-4
-    lr_patience: int = 2  # halve the learning rate after this many
-    # running
-    device: str = "auto"
-    seed: int = 0
-    workers: int = 2
-    save_every_minutes: float = 10.0
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        return ModelConfig(
-            vocab_size=vocab_size, encoder=self.encoder, image_size=self.image_size, grid=self.grid,
-            attention=self.attention, rnn=self.rnn, embed_dim=self.embed_dim,
-            attention_dim=self.attention_dim, decoder_dim=self.decoder_dim, dropout=self.dropout,
-        )
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-
-# Options that --resume may change; the others are fixed by the run.
-RESUME_OVERRIDES = ("epochs", "patience", "device", "workers", "save_every_minutes", "max_bad_fraction")
+DEFAULT_MAX_LEN = 50  # words, when neither --max-len nor --vocab says
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C: a checkpoint was saved; the CLI exits 130."""
+    """Ctrl-C: a checkpoint was saved (or the features cached so far kept); the CLI exits 130."""
 
 
-# =========================================================================== batches
-
-@dataclass
-class CaptionSet:
-    """Encoded captions of one split: caption i belongs to image ``image[i]`` (a cache row)."""
-
-    image: list[int] = field(default_factory=list)
-    tokens: list[list[int]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-
-def length_bucketed_batches(lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """Batches of indices whose captions have (nearly) the same length, in random order.
-
-    Sorting by length (random order within a length) keeps padding out of the batches;
-    shuffling the batches keeps the epoch random.
-    """
-    noise = torch.rand(len(lengths), generator=generator).tolist()
-    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], noise[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    perm = torch.randperm(len(batches), generator=generator).tolist()
-    return [batches[i] for i in perm]
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size, encoder=cfg.encoder, image_size=cfg.image_size, grid=cfg.grid,
+        attention=cfg.attention, rnn=cfg.rnn, embed_dim=cfg.embed_dim,
+        attention_dim=cfg.attention_dim, decoder_dim=cfg.decoder_dim, dropout=cfg.dropout,
+    )
 
 
 def collate(tokens: Sequence[list[int]], device: torch.device):
@@ -137,6 +63,17 @@ def collate(tokens: Sequence[list[int]], device: torch.device):
     for row, i in enumerate(order):
         padded[row, : lengths[row]] = torch.tensor(tokens[i])
     return padded.to(device, non_blocking=True), lengths, order
+
+
+def plateau_step(improved: bool, bad_epochs: int, lr_patience: int, patience: int) -> tuple[int, bool, bool]:
+    """After an epoch: (bad epochs since the best, halve the learning rate now?, stop now?).
+
+    One count decides both: the rate halves after every ``lr_patience`` epochs without a better
+    score, and training stops after ``patience`` of them.
+    """
+    bad_epochs = 0 if improved else bad_epochs + 1
+    halve = not improved and lr_patience > 0 and bad_epochs % lr_patience == 0
+    return bad_epochs, halve, bad_epochs >= patience
 
 
 class _TrainNet(torch.nn.Module):
@@ -170,15 +107,16 @@ class Trainer:
     Distributed (see capcli.distributed): every rank builds the same global batches and takes its
     slice of each; DDP averages the gradients, so the ranks' weights stay identical. Rank 0 reads
     the run folder (vocabulary, checkpoints) and hands what it read to the others, and alone
-    writes config.json, metrics.jsonl and checkpoints and draws the progress bar; validation is
-    shared out and rank 0's verdict (score, early stop, learning-rate decay) is broadcast.
+    writes config.json, metrics.jsonl, curves.png and checkpoints and draws the progress bar;
+    validation is shared out and rank 0's verdict (score, early stop, learning-rate halving) is
+    broadcast.
     """
 
     def __init__(self, cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = False,
                  ctx: DistContext = SINGLE):
         self.cfg, self.ctx = cfg, ctx
         self.reporter = (reporter or Reporter()) if ctx.is_main else Reporter()
-        self.run_dir = Path(cfg.out)
+        self.run_dir = Path(cfg.output)
         self.resume = resume
         self.device = distributed.training_device(ctx, cfg.device)
         self.sync_checks = 0  # steps checked by CAPCLI_DEBUG_SYNC_CHECK
@@ -186,20 +124,20 @@ class Trainer:
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
         cfg, ctx = self.cfg, self.ctx
+        cfg.validate()
         torch.manual_seed(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)  # every rank: the feature cache lives here
         if ctx.is_main:
-            atomic_write_bytes(self.run_dir / "config.json", json.dumps(asdict(cfg), indent=1).encode())
+            atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
 
-        samples = load_dataset(cfg.data, captions_file=cfg.captions, images_dir=cfg.images, split_ratios=parse_split_ratios(cfg.split))
-        counts = split_counts(samples)
-        log.info("data: %d images (train %d, val %d, test %d)", len(samples), counts["train"], counts["val"], counts["test"])
-        if counts["train"] == 0:
+        dataset = load_dataset(cfg.data, captions_file=cfg.captions, images_dir=cfg.images,
+                               split_ratios=parse_split_ratios(cfg.split) if cfg.split else None)
+        samples, self.split_source = dataset.samples, dataset.split_source
+        if split_counts(samples)["train"] == 0:
             raise CapcliError(f"{cfg.data or cfg.captions}: the train split is empty")
         self.vocab = distributed.on_main(ctx, lambda: self._vocabulary(samples))
 
-        mcfg = cfg.model_config(len(self.vocab))
-        self.model = CaptionModel(mcfg)
+        self.model = CaptionModel(model_config(cfg, len(self.vocab)))
 
         def load_weights() -> str:
             if self.resume:
@@ -218,18 +156,24 @@ class Trainer:
         self.val_samples = [s for s in samples if s.split == "val"]
         if not self.val_samples:
             log.warning("no validation images: the best model is chosen by training loss")
-        if not cfg.fine_tune_encoder:
-            self._build_cache()
+        paths = [s.image_path for s in self.train_samples + self.val_samples]
+        if cfg.fine_tune_encoder:
+            self.source = EncodedImages(self.model.encoder, paths, self.model.cfg, self.device, cfg.workers)
+        else:
+            try:
+                self.source = CachedFeatures(self._build_cache(paths), self.device)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(f"interrupted while caching features; the images cached so far are kept; "
+                                          f"continue with: {self._again()}") from None
+        self.bad_reported = len(self.source.bad)  # unreadable images warned about so far
         self.train_set = self._encode_captions(self.train_samples, 0)
         self.val_set = self._encode_captions(self.val_samples, len(self.train_samples))
 
-        decoder_params = list(self.model.decoder.parameters())
-        groups = [{"params": decoder_params, "lr": cfg.lr}]
+        groups = [{"params": list(self.model.decoder.parameters()), "lr": cfg.lr}]
         encoder_params = [p for p in self.model.encoder.parameters() if p.requires_grad]
         if encoder_params:
             groups.append({"params": encoder_params, "lr": cfg.encoder_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=0.5, patience=cfg.lr_patience)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and amp_enabled()
                                            and not torch.cuda.is_bf16_supported())
 
@@ -237,31 +181,21 @@ class Trainer:
         self.step_in_epoch = 0
         self.best_score, self.best_epoch, self.bad_epochs = float("-inf"), 0, 0
         self.epoch_sums = {"nll": 0.0, "words": 0, "captions": 0, "seconds": 0.0}
+        self.history: list[dict] = []  # one record per finished epoch: metrics.jsonl and curves.png
         if self.resume:
             self._restore_state()
 
-        self.net: torch.nn.Module = _TrainNet(self.model)
+        self.train_net = _TrainNet(self.model)
+        self.net: torch.nn.Module = self.train_net
         if ctx.enabled:
-            from torch.nn.parallel import DistributedDataParallel
+            self.net = distributed.wrap_ddp(self.train_net, self.device)
+            distributed.log_batch_plan(ctx, self.device, cfg.batch_size, cfg.lr)
 
-            import inspect
-
-            # BatchNorm is frozen (eval mode): no buffers to sync at every forward.
-            no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-                       else {"broadcast_buffers": False})
-            self.net = DistributedDataParallel(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                               **no_sync)
-            per_rank = cfg.batch_size / ctx.world_size
-            log.info(
-                "distributed: %d processes on %d machine(s), %s on %s; global batch %d captions "
-                "(--batch-size is the global batch: %s per process); learning rate %g as given, not scaled "
-                "with the number of processes: a run matches one process with the same --batch-size",
-                ctx.world_size, max(1, ctx.world_size // max(ctx.local_world_size, 1)),
-                distributed.backend_name(ctx, self.device), self.device.type, cfg.batch_size,
-                f"{per_rank:g}" if per_rank == int(per_rank) else f"{math.floor(per_rank)}-{math.ceil(per_rank)}", cfg.lr)
-            if cfg.batch_size < ctx.world_size:
-                log.warning("--batch-size %d is smaller than the %d processes: some have nothing to do at each step",
-                            cfg.batch_size, ctx.world_size)
+    def _again(self) -> str:
+        """The command that continues this run."""
+        if self.ctx.enabled:
+            return f"torchrun --nproc-per-node {self.ctx.local_world_size} ... -m capcli train --resume {self.run_dir}"
+        return f"capcli train --resume {self.run_dir}"
 
     def _vocabulary(self, samples: list[Sample]) -> Vocab:
         cfg, path = self.cfg, self.run_dir / "vocab.json"
@@ -269,36 +203,42 @@ class Trainer:
             return Vocab.load(path)
         if cfg.vocab:
             vocab = Vocab.load(cfg.vocab)
+            if cfg.max_len is not None and cfg.max_len != vocab.max_len:
+                log.info("longest caption: %d words (--max-len), not the vocabulary's %d", cfg.max_len, vocab.max_len)
+                vocab.max_len = cfg.max_len
         else:
-            vocab = Vocab.build((c for s in samples if s.split == "train" for c in s.captions), cfg.min_freq, cfg.max_len)
+            max_len = cfg.max_len if cfg.max_len is not None else DEFAULT_MAX_LEN
+            vocab = Vocab.build((c for s in samples if s.split == "train" for c in s.captions), cfg.min_freq, max_len)
             log.info("vocabulary: %d words (min count %d, train split only)", len(vocab), cfg.min_freq)
         vocab.save(path)
         return vocab
 
-    def _build_cache(self) -> None:
-        paths = [s.image_path for s in self.train_samples + self.val_samples]
+    def _build_cache(self, paths: list[Path]):
         mcfg = self.model.cfg
         with torch.no_grad():
             probe = self.model.encoder(torch.zeros(1, 3, mcfg.image_size, mcfg.image_size, device=self.device))  # (1, L, D)
         shape = (len(paths), probe.size(1), probe.size(2))
         batch = 64 if self.device.type == "cuda" else 4  # on the CPU, big batches slow Lite0 down
-        self.cache = build_feature_cache(self.ctx, self.run_dir, cache_key(mcfg, self.weights_source, paths), shape,
-                                         self.model.encoder, paths, mcfg, self.device, self.reporter, self.cfg.workers, batch)
-        bad = self.cache.bad
-        if bad:
-            fraction = len(bad) / len(paths)
-            first = next(iter(bad.values()))
-            if fraction > self.cfg.max_bad_fraction:
-                raise CapcliError(
-                    f"{len(bad)} of {len(paths)} images cannot be read ({fraction:.1%}, more than the allowed "
-                    f"{self.cfg.max_bad_fraction:.1%}; see --max-bad-fraction); first: {first}", exit_code=1)
-            log.warning("skipping %d unreadable image%s (first: %s)", len(bad), "s" * (len(bad) != 1), first)
+        cache = build_feature_cache(self.ctx, self.run_dir, cache_key(mcfg, self.weights_source, paths), shape,
+                                    self.model.encoder, paths, mcfg, self.device, self.reporter, self.cfg.workers, batch)
+        self._check_bad(cache.bad, len(paths))
+        if cache.bad:
+            log.warning("skipping %d unreadable image%s (first: %s)", len(cache.bad), "s" * (len(cache.bad) != 1),
+                        next(iter(cache.bad.values())))
+        return cache
+
+    def _check_bad(self, bad: dict[int, str], n_images: int, saved: str = "") -> None:
+        fraction = len(bad) / max(n_images, 1)
+        if fraction > self.cfg.max_bad_fraction:
+            raise CapcliError(
+                f"{len(bad)} of {n_images} images cannot be read ({fraction:.1%}, more than the allowed "
+                f"{self.cfg.max_bad_fraction:.1%}; see --max-bad-fraction); first: {next(iter(bad.values()))}{saved}",
+                exit_code=1)
 
     def _encode_captions(self, samples: list[Sample], offset: int) -> CaptionSet:
         out, too_long = CaptionSet(), 0
-        bad = getattr(self, "cache", None) and self.cache.bad or {}
         for i, s in enumerate(samples):
-            if offset + i in bad:
+            if offset + i in self.source.bad:
                 continue
             for c in s.captions:
                 ids = self.vocab.encode(c)
@@ -316,10 +256,10 @@ class Trainer:
     def _state(self) -> dict:
         return {
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "best_score": self.best_score, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-            "epoch_sums": dict(self.epoch_sums),
+            "epoch_sums": dict(self.epoch_sums), "history": list(self.history),
+            "bad_images": {str(k): v for k, v in self.source.bad.items()},
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -339,12 +279,13 @@ class Trainer:
 
     def _restore_state(self) -> None:
         state = distributed.on_main(self.ctx, self._read_state)  # rank 0 reads, every rank restores
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer.load_state_dict(state["optimizer"])  # the learning rates too
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
         self.epoch_sums = state["epoch_sums"]
+        self.history = list(state.get("history", []))
+        self.source.bad.update({int(k): v for k, v in state.get("bad_images", {}).items()})
         torch.set_rng_state(state["rng"])  # under DDP dropout is seeded per step instead
         if state["cuda_rng"] and torch.cuda.is_available() and not self.ctx.enabled:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -353,12 +294,12 @@ class Trainer:
 
     def _summary(self, **extra) -> dict:
         summary = {
-            "data": self.cfg.data or self.cfg.captions, "split": self.cfg.split,
+            "data": self.cfg.data or self.cfg.captions, "split": self.cfg.split, "split_source": self.split_source,
             "epochs": self.epoch, "best_epoch": self.best_epoch,
             "val_bleu4": None if self.best_score == float("-inf") else self.best_score,
             "train_images": len(self.train_samples), "train_captions": len(self.train_set),
             "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
-            "options": {k: v for k, v in asdict(self.cfg).items() if k not in ("out", "data", "captions", "images")},
+            "options": {k: v for k, v in self.cfg.to_dict().items() if k not in ("output", "data", "captions", "images")},
             **extra,
         }
         if self.ctx.enabled:
@@ -366,69 +307,30 @@ class Trainer:
         return summary
 
     def save(self, best: bool = False) -> None:
-        """last.safetensors + its training state (+ best.safetensors); each write atomic. Rank 0 only.
+        """best.safetensors (when ``best``), then the training state, then last.safetensors, then
+        metrics.jsonl and curves.png; each write atomic. Rank 0 only.
 
-        The state file is named after a checkpoint id stored in the model's metadata, and is
-        written first: a crash between the two writes leaves the previous pair intact.
+        The state file is named after a checkpoint id stored in last's metadata and is written
+        before it: a crash between two writes leaves the previous pair intact. best comes first, so
+        a crash before last is written replays the epoch, which writes best again. metrics.jsonl is
+        rewritten from the history kept in the state, so a replayed epoch is logged once.
         """
         if not self.ctx.is_main:
             return
+        summary = self._summary()
+        if best:
+            checkpoint.save_model(self.run_dir / "best.safetensors", self.model, self.vocab,
+                                  encoder_weights=self.weights_source, training=summary)
         cid = f"{self.epoch}-{self.step_in_epoch}-{int(time.time() * 1000)}"
         checkpoint.save_train_state(self.run_dir / f"last.state-{cid}.pt", self._state())
         checkpoint.save_model(self.run_dir / "last.safetensors", self.model, self.vocab,
-                              encoder_weights=self.weights_source, training=self._summary(checkpoint_id=cid))
+                              encoder_weights=self.weights_source, training={**summary, "checkpoint_id": cid})
         for old in self.run_dir.glob("last.state-*.pt"):
             if old.name != f"last.state-{cid}.pt":
                 old.unlink(missing_ok=True)
-        if best:
-            checkpoint.save_model(self.run_dir / "best.safetensors", self.model, self.vocab,
-                                  encoder_weights=self.weights_source, training=self._summary())
-
-    # ---------------------------------------------------------------- batches
-    def _batch_images(self, images: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fine-tuning: the batch's distinct images (n_img, 3, S, S) and each caption's row among them (N,)."""
-        samples = self.train_samples + self.val_samples
-        unique = sorted(set(images))
-        cfg = self.model.cfg
-        items = next(image_batches([samples[i].image_path for i in unique], cfg.image_size, len(unique),
-                                   self.cfg.workers, overlap=False))
-        for path, item in items:
-            if isinstance(item, ImageError):
-                raise CapcliError(f"{path}: {item}", exit_code=1)
-        pixels = torch.stack([item for _, item in items])  # (n_img, S, S, 3) uint8
-        if self.device.type == "cuda":
-            pixels = pixels.pin_memory()
-        x = normalize_pixels(pixels.to(self.device, non_blocking=True), cfg.mean, cfg.std)  # (n_img, 3, S, S)
-        where = {img: k for k, img in enumerate(unique)}
-        rows = torch.tensor([where[i] for i in images])
-        return x, rows.to(self.device, non_blocking=True)
-
-    def _batch_features(self, images: list[int], train: bool) -> torch.Tensor:
-        """Encoder features (N, L, D) for cache rows / image indices ``images``."""
-        if not self.cfg.fine_tune_encoder:
-            index = torch.tensor(images)
-            f = self.cache.features[index]  # (N, L, D) fp16
-            if self.device.type == "cuda":
-                f = f.pin_memory()
-            return f.to(self.device, non_blocking=True).float()
-        x, rows = self._batch_images(images)
-        with torch.set_grad_enabled(train):
-            return self.model.encoder(x)[rows]  # (N, L, D): the encoder once per image, shared by its captions
-
-    def _epoch_batches(self, epoch: int) -> list[list[int]]:
-        """The epoch's global batches: the same on every rank (seeded by --seed and the epoch)."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 100_003 + epoch)
-        if not self.cfg.fine_tune_encoder:
-            return length_bucketed_batches([len(t) for t in self.train_set.tokens], self.cfg.batch_size, g)
-        # By image: every caption of an image in the same batch, the encoder run once for all.
-        by_image: dict[int, list[int]] = {}
-        for i, img in enumerate(self.train_set.image):
-            by_image.setdefault(img, []).append(i)
-        images = list(by_image)
-        perm = torch.randperm(len(images), generator=g).tolist()
-        per_batch = max(1, self.cfg.batch_size // max(1, round(len(self.train_set) / max(len(images), 1))))
-        order = [images[i] for i in perm]
-        return [[c for img in order[k:k + per_batch] for c in by_image[img]] for k in range(0, len(order), per_batch)]
+        atomic_write_bytes(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
+        save_curves(self.run_dir / "curves.png", self.history, "val_bleu4" if self.val_samples else "train_loss",
+                    write=atomic_write)
 
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
@@ -442,7 +344,8 @@ class Trainer:
         last_save = time.time()
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
-            batches = self._epoch_batches(epoch)  # global batches; each step takes this rank's slice (_train_step)
+            g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # the same global batches on every rank
+            batches = self.source.batches(self.train_set, cfg.batch_size, g)  # each step takes this rank's slice
             if self.step_in_epoch == 0:
                 torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: reproducible per epoch
                 self.epoch_sums = {"nll": 0.0, "words": 0, "captions": 0, "seconds": 0.0}
@@ -466,7 +369,7 @@ class Trainer:
                     self.reporter.update(1, loss=s["nll"] / max(s["words"], 1),
                                          ppl=math.exp(min(s["nll"] / max(s["words"], 1), 50)),
                                          captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
-                    if cfg.save_every_minutes and time.time() - last_save > 60 * cfg.save_every_minutes:
+                    if cfg.save_every and time.time() - last_save > 60 * cfg.save_every:
                         self.save()
                         last_save = time.time()
             except KeyboardInterrupt:
@@ -475,16 +378,13 @@ class Trainer:
                     self._set_rng_state(*rng_before)  # stopped inside a step: undo its dropout draws
                 with ignore_sigint():
                     self.save()  # rank 0 alone, no collective: the others may already be gone
-                again = (f"torchrun --nproc-per-node {ctx.local_world_size} ... -m capcli train --resume {self.run_dir}"
-                         if ctx.enabled else f"capcli train --resume {self.run_dir}")
-                if not ctx.is_main:
-                    raise TrainingInterrupted(f"interrupted (rank {ctx.rank}; rank 0 saves the checkpoint)") from None
-                raise TrainingInterrupted(
-                    f"interrupted in epoch {epoch} at step {self.step_in_epoch}; saved "
-                    f"{self.run_dir / 'last.safetensors'}; continue with: {again}") from None
+                self._interrupted(f"in epoch {epoch} at step {self.step_in_epoch}")
             self.reporter.stop()
-            with ignore_sigint():
-                stop = self._end_epoch(epoch)
+            try:
+                with defer_sigint():  # validation and saves finish; then Ctrl-C stops the run
+                    stop = self._end_epoch(epoch)
+            except KeyboardInterrupt:
+                self._interrupted(f"after epoch {epoch}")
             last_save = time.time()
             if stop:
                 break
@@ -493,24 +393,34 @@ class Trainer:
                      ctx.world_size, self.sync_checks)
         return self._summary()
 
+    def _interrupted(self, where: str):
+        if not self.ctx.is_main:
+            raise TrainingInterrupted(f"interrupted (rank {self.ctx.rank}; rank 0 saves the checkpoint)") from None
+        raise TrainingInterrupted(f"interrupted {where}; saved {self.run_dir / 'last.safetensors'}; "
+                                  f"continue with: {self._again()}") from None
+
     def _train_step(self, batch: list[int]) -> None:
-        """One optimizer step on global batch ``batch``; under DDP this rank computes its slice of it."""
+        """One optimizer step on global batch ``batch``; under DDP this rank computes its slice of it.
+
+        Captions of images found unreadable are left out; the loss is still divided by the
+        global batch's word count (every rank knows it without asking the others).
+        """
         cfg, ctx = self.cfg, self.ctx
+        captions = self.train_set
         weight = 1.0
         mine = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
-        if not mine:  # fewer captions than ranks: join the gradient all-reduce with a zero-weight caption
+        inputs = self.source.load(sorted({captions.image[i] for i in mine}))
+        mine = [i for i in mine if captions.image[i] in inputs.usable]
+        if not mine:  # nothing to train on here: join the gradient all-reduce with a zero-weight caption
             mine, weight = batch[:1], 0.0
-        total_words = sum(len(self.train_set.tokens[i]) - 1 for i in batch)
-        padded, lengths, order = collate([self.train_set.tokens[i] for i in mine], self.device)
-        images = [self.train_set.image[mine[i]] for i in order]
+            inputs = self.source.placeholder(captions.image[batch[0]])
+        total_words = sum(len(captions.tokens[i]) - 1 for i in batch)
+        padded, lengths, order = collate([captions.tokens[i] for i in mine], self.device)
         attention_reg = cfg.attention_reg if self.model.cfg.attention != "none" else 0.0
         with autocast(self.device):
-            if cfg.fine_tune_encoder:
-                x, rows = self._batch_images(images)
-            else:
-                x, rows = self._batch_features(images, train=True), None  # (N, L, D)
+            x, rows = inputs.for_captions([captions.image[mine[i]] for i in order])  # (N, L, D), or images and rows
             logits, alphas = self.net(x, padded, lengths, rows)
-            loss, nll, _ = loss_terms(logits, alphas, padded, lengths, cfg.label_smoothing, attention_reg,
+            loss, nll, _ = caption_loss(logits, alphas, padded, lengths, cfg.label_smoothing, attention_reg,
                                       total_words=total_words, total_captions=len(batch), scale=ctx.world_size * weight)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
@@ -535,34 +445,42 @@ class Trainer:
         Under DDP the ranks share the batches out (whole batches, so each is computed as a single
         process would) and rank 0 scores the gathered captions; the other ranks return {}.
         """
-        ctx = self.ctx
+        ctx, captions = self.ctx, self.val_set
         self.model.eval()
-        if not len(self.val_set):
+        if not len(captions):
             return {}
         nll_sum = words = 0
-        g = torch.Generator().manual_seed(0)
-        batches = length_bucketed_batches([len(t) for t in self.val_set.tokens], 256, g)
+        batches = length_bucketed_batches([len(t) for t in captions.tokens], 256, torch.Generator().manual_seed(0))
         for batch in batches[ctx.rank::ctx.world_size]:
-            padded, lengths, order = collate([self.val_set.tokens[i] for i in batch], self.device)
+            inputs = self.source.load(sorted({captions.image[i] for i in batch}))
+            batch = [i for i in batch if captions.image[i] in inputs.usable]
+            if not batch:
+                continue
+            padded, lengths, order = collate([captions.tokens[i] for i in batch], self.device)
             with autocast(self.device):
-                features = self._batch_features([self.val_set.image[batch[i]] for i in order], train=False)
-                _, nll, n = caption_loss(self.model.decoder, features, padded, lengths)
-            nll_sum, words = nll_sum + nll, words + n
-        images = sorted(set(self.val_set.image))
+                x, rows = inputs.for_captions([captions.image[batch[i]] for i in order])
+                logits, alphas = self.train_net(x, padded, lengths, rows)
+                _, nll, n = caption_loss(logits, alphas, padded, lengths)
+            nll_sum, words = nll_sum + float(nll), words + n
+        images = sorted(set(captions.image))
         samples = self.train_samples + self.val_samples
         candidates = {}
         chunks = [images[k:k + 128] for k in range(0, len(images), 128)]
         for chunk in chunks[ctx.rank::ctx.world_size]:
             with autocast(self.device):
-                hyps = greedy(self.model.decoder, self._batch_features(chunk, train=False), max_len=self.vocab.max_len)
-            candidates.update({str(i): self.vocab.decode(h.tokens) for i, h in zip(chunk, hyps)})
+                features, ok = self.source.features(chunk)  # (n, L, D) of the readable images
+                usable = [i for i, good in zip(chunk, ok) if good]
+                hyps = greedy(self.model.decoder, features, max_len=self.vocab.max_len) if usable else []
+            candidates.update({str(i): self.vocab.decode(h.tokens) for i, h in zip(usable, hyps)})
         if ctx.enabled:
             parts = distributed.all_gather_object(ctx, (nll_sum, words, candidates))
             if not ctx.is_main:
                 return {}
             nll_sum, words = sum(p[0] for p in parts), sum(p[1] for p in parts)
             candidates = {k: v for p in parts for k, v in p[2].items()}
-        references = {str(i): list(samples[i].captions) for i in images}
+        if not candidates:
+            return {}
+        references = {k: list(samples[int(k)].captions) for k in candidates}
         scores, _ = score_captions(references, candidates, metrics=("BLEU",), tokenizer="simple")
         return {"val_loss": nll_sum / max(words, 1), "val_ppl": math.exp(min(nll_sum / max(words, 1), 50)),
                 "val_bleu4": scores["BLEU-4"]}
@@ -571,36 +489,44 @@ class Trainer:
         cfg, s = self.cfg, self.epoch_sums
         t0 = time.time()
         val = self.validate()
+        if self.source.fine_tunes_encoder and self.ctx.enabled:  # each rank found its own unreadable images
+            for bad in distributed.all_gather_object(self.ctx, self.source.bad):
+                self.source.bad.update(bad)
         train_loss = s["nll"] / max(s["words"], 1)
         score = val.get("val_bleu4", -train_loss)
-        # Rank 0's numbers decide for all: the same best model, learning-rate decay and early stop everywhere.
+        # Rank 0's numbers decide for all: the same best model, learning-rate halving and early stop everywhere.
         val, score = distributed.broadcast_object(self.ctx, (val, score))
         improved = score > self.best_score
         if improved:
-            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
-        else:
-            self.bad_epochs += 1
-        self.scheduler.step(score)
-        self.epoch, self.step_in_epoch = epoch, 0
+            self.best_score, self.best_epoch = score, epoch
+        self.bad_epochs, halve, stop = plateau_step(improved, self.bad_epochs, cfg.lr_patience, cfg.patience)
         record = {
             "epoch": epoch, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)), **val,
             "lr": self.optimizer.param_groups[0]["lr"], "train_seconds": s["seconds"],
             "val_seconds": time.time() - t0, "captions_per_s": s["captions"] / max(s["seconds"], 1e-9),
             "best": improved,
         }
-        if self.ctx.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if halve:
+            for group in self.optimizer.param_groups:
+                group["lr"] *= 0.5
+        self.epoch, self.step_in_epoch = epoch, 0
+        self.history.append(record)
         log.info(
-            "epoch %d: train loss %.3f, val loss %s, val BLEU-4 %s%s, %.0f captions/s",
+            "epoch %d: train loss %.3f, val loss %s, val BLEU-4 %s%s, %.0f captions/s%s",
             epoch, train_loss, f"{val['val_loss']:.3f}" if val else "-", f"{val['val_bleu4']:.4f}" if val else "-",
             " (best)" if improved else "", record["captions_per_s"],
+            f"; learning rate halved to {self.optimizer.param_groups[0]['lr']:.3g}" if halve else "",
         )
         self.save(best=improved)
-        if self.bad_epochs >= cfg.patience:
+        if len(self.source.bad) > self.bad_reported:
+            self.bad_reported = len(self.source.bad)
+            n = len(self.train_samples) + len(self.val_samples)
+            self._check_bad(self.source.bad, n, saved=f"; epoch {epoch} is saved: continue with {self._again()}")
+            log.warning("skipping %d unreadable image%s (first: %s)", len(self.source.bad),
+                        "s" * (len(self.source.bad) != 1), next(iter(self.source.bad.values())))
+        if stop:
             log.info("early stop: no better val BLEU-4 for %d epochs (best %.4f at epoch %d)", cfg.patience, self.best_score, self.best_epoch)
-            return True
-        return False
+        return stop
 
 
 def _distributed(fn, run_dir: Path | None = None):
@@ -618,16 +544,27 @@ def _distributed(fn, run_dir: Path | None = None):
 
 
 def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
+    cfg.validate()
+
     def run(ctx: DistContext) -> dict:
         trainer = Trainer(cfg, reporter, ctx=ctx)
         trainer.setup()
         return trainer.run()
 
-    return _distributed(run, Path(cfg.out))
+    return _distributed(run, Path(cfg.output))
 
 
-def resume(run_dir: str | Path, overrides: dict | None = None, reporter: Reporter | None = None) -> dict:
+def resume(run_dir: str | Path, changes: dict | None = None, reporter: Reporter | None = None) -> dict:
+    """Continue the run in ``run_dir`` with its own settings; ``changes`` may set those in RESUMABLE
+    (each applied change is logged); any other setting is a CapcliError."""
     run_dir = Path(run_dir)
+    changes = dict(changes or {})
+    fixed = sorted(k for k in changes if k not in RESUMABLE)
+    if fixed:
+        names = ", ".join("--" + k.replace("_", "-") for k in fixed)
+        allowed = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE)
+        raise CapcliError(f"{names} cannot change when resuming {run_dir} (its settings are in config.json); "
+                          f"--resume takes only {allowed}; to change the others start a new run with -o")
 
     def read_config() -> tuple[dict, bool]:
         config_path = run_dir / "config.json"
@@ -643,10 +580,11 @@ def resume(run_dir: str | Path, overrides: dict | None = None, reporter: Reporte
     def run(ctx: DistContext) -> dict:
         data, has_checkpoint = distributed.on_main(ctx, read_config)  # the run folder may be on rank 0's disk only
         cfg = TrainConfig.from_dict(data)
-        for k, v in (overrides or {}).items():
-            if k in RESUME_OVERRIDES and v is not None:
+        for k, v in changes.items():
+            if getattr(cfg, k) != v:
+                log.info("resume: --%s %s (the run had %s)", k.replace("_", "-"), v, getattr(cfg, k))
                 setattr(cfg, k, v)
-        cfg.out = str(run_dir)
+        cfg.output = str(run_dir)
         # Stopped before the first checkpoint (e.g. while caching features): start over with the
         # same settings; the features cached so far are reused.
         trainer = Trainer(cfg, reporter, resume=has_checkpoint, ctx=ctx)

@@ -19,11 +19,13 @@ PAD, START, END, UNK = range(4)
 # Everything else (punctuation, whitespace) separates words and is dropped: a caption's
 # trailing " ." carries no meaning and would only teach the model to print it.
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
+# Typographic apostrophes (’ ‘ ʼ) as typed by phones and word processors: the same word as with '.
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 
 def tokenize(text: str) -> list[str]:
     """Lowercase and split into words, dropping punctuation: "A dog, running." -> [a, dog, running]."""
-    return _WORD.findall(text.lower())
+    return _WORD.findall(text.lower().translate(_APOSTROPHES))
 
 
 @dataclass

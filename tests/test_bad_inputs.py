@@ -17,7 +17,7 @@ line where there is one; through the CLI exit 2 and one stderr line "capcli: ...
   dangling symlink                       ImageError "no such file"
   symlink loop (file link to itself)     ImageError "too many levels of symbolic links"
   symlink loop (folder link to parent)   folder walk ends; each real image found once
-  PNG claiming 100000x100000 (bomb)      ImageError "image too large (decompression bomb limit)", nothing decoded
+  PNG claiming 100000x100000 (bomb)      ImageError "image too large (100000x100000 pixels, more than the limit of ...)", nothing decoded
   corrupt data (bytes flipped, cut)      ImageError, never another exception
   1x1 image                              loaded (RGB 1x1), captioned
   4000x20 panorama                       loaded, captioned (squashed to the model's square)
@@ -214,7 +214,8 @@ def bad_images(d: Path) -> dict[str, tuple[Path, str]]:
         "cut-header.jpg": (d / "cut-header.jpg", "truncated or corrupt image data"),
         "text.jpg": (d / "text.jpg", "not an image (unrecognised format)"),
         "folder.jpg": (d / "folder.jpg", "is a directory"),
-        "bomb.png": (d / "bomb.png", "image too large (decompression bomb limit)"),
+        "bomb.png": (d / "bomb.png", "image too large (100000x100000 pixels, more than the limit of 178956970; "
+                                     "see --max-image-pixels)"),
         "selfloop.jpg": (d / "selfloop.jpg", "too many levels of symbolic links"),
         "dangling.jpg": (d / "dangling.jpg", "no such file"),
         "missing.jpg": (d / "missing.jpg", "no such file"),
@@ -244,7 +245,7 @@ def test_bomb_is_refused_before_decoding(tmp_path, monkeypatch):
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     with pytest.raises(ImageError, match="too large"):
         load_image(bomb_png(tmp_path / "bomb.png"))
-    # Below Pillow's own limit but above capcli's: refused by capcli's check, not decoded either.
+    # Pillow refuses this one itself; capcli reads its size unchecked, and refuses it, not decoded either.
     with pytest.raises(ImageError, match="too large"):
         load_image(bomb_png(tmp_path / "big.png", 20_000, 10_000))
 
@@ -373,7 +374,7 @@ def pics(tmp_path) -> Path:
 
 
 def load(path: Path, images: Path):
-    return {s.image_path.name: s for s in load_dataset(captions_file=path, images_dir=images)}
+    return {s.image_path.name: s for s in load_dataset(captions_file=path, images_dir=images).samples}
 
 
 def test_bom_crlf_blank_lines_quotes_and_whitespace(tmp_path, pics):
@@ -496,7 +497,9 @@ def test_caption_file_errors_and_warnings_through_the_cli(tmp_path, pics):
                                       "--split", "100/0/0", "-o", str(tmp_path / "v.json")])
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines() == [f"capcli: warning: {ok}: skipped 1 empty caption",
-                                          f"capcli: warning: {ok}: skipped 1 caption of 1 image not found on disk"]
+                                          f"capcli: warning: {ok}: skipped 1 caption of 1 image not found on disk",
+                                          "capcli: data: caption file ok.csv; split from hash 100/0/0 of image names; 1 image: "
+                                          "train 1, val 0, test 0; dropped 1 empty caption, 1 caption of 1 image not found on disk"]
     assert json.loads((tmp_path / "v.json").read_text())["words"][4:] == ["a", "dog"]
 
 

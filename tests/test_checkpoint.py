@@ -120,3 +120,18 @@ def test_model_whose_header_length_starts_with_0x80_loads(tmp_path, model_and_vo
     loaded = checkpoint.load_model(path)
     assert loaded.training["note"] == "y" * extra
     assert loaded.vocab.words == vocab.words
+
+
+def test_atomic_write_syncs_the_file_then_the_folder_after_the_rename(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from capcli import files
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: events.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file") or real_fsync(fd))
+    monkeypatch.setattr(files.os, "replace", lambda a, b: events.append("rename") or real_replace(a, b))
+    atomic_write(tmp_path / "x.bin", lambda tmp: tmp.write_bytes(b"data"))
+    assert events == ["file", "rename", "dir"]
+    assert (tmp_path / "x.bin").read_bytes() == b"data"

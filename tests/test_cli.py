@@ -164,3 +164,67 @@ def test_a_broken_pipe_on_the_way_out_ends_quietly():
               "cli.main()\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stderr == ""
+
+
+def test_attention_pictures_of_one_run_never_share_a_file(trained_model, images, tmp_path):
+    """a/dog.png and b/dog.png give dog.png and dog-2.png; a real c/dog-2.png must not overwrite the latter."""
+    inputs = []
+    for folder, name, source in (("a", "dog.png", images[0]), ("b", "dog.png", images[9]), ("c", "dog-2.png", images[20])):
+        (tmp_path / folder).mkdir()
+        inputs.append(tmp_path / folder / name)
+        inputs[-1].write_bytes(source.read_bytes())
+    out = tmp_path / "att"
+    result = run("caption", "-m", str(trained_model), "-f", "jsonl", "--attention-dir", str(out), *map(str, inputs))
+    assert result.exit_code == 0, result.output
+    captions = [json.loads(line)["caption"] for line in result.stdout.strip().split("\n")]
+    assert sorted(p.name for p in out.iterdir()) == ["dog-2-2.png", "dog-2.png", "dog.png"]
+    for name, caption in zip(("dog.png", "dog-2.png", "dog-2-2.png"), captions):
+        with Image.open(out / name) as pic:
+            assert pic.text["capcli:words"] == caption
+
+
+def test_attention_panels_light_in_proportion_to_the_strongest_cell():
+    import torch
+    from PIL import ImageStat
+
+    from capcli import attention_map
+
+    image = Image.new("RGB", (64, 64), (200, 160, 120))
+    mean = ImageStat.Stat(image.convert("L")).mean[0]
+    uniform = attention_map.render(image, ["a", "b"], torch.full((2, 2, 2), 0.25))  # (T, h, w)
+    panel = uniform.crop((0, 0, 224, 224)).convert("L")
+    assert abs(ImageStat.Stat(panel).mean[0] - mean) < 2  # the whole scene lit, not dark
+
+    peaked = torch.zeros(1, 2, 2)
+    peaked[0, 0, 0] = 1.0  # all attention on the top-left cell
+    panel = attention_map.render(image, ["a"], peaked).crop((0, 0, 224, 224)).convert("L")
+    top_left, bottom_right = panel.getpixel((20, 20)), panel.getpixel((200, 200))
+    assert abs(top_left - mean) < 2 and bottom_right < mean / 3
+
+
+def test_url_arguments_are_printed_as_given(trained_model, shapes_dir, monkeypatch, tmp_path):
+    """A URL is never turned into a Path (which collapses its //): tsv and jsonl give it back exactly."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shapes_dir / "Images"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("no_proxy", "*")
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/red_square_0.png?size=64"
+        tsv = run("caption", "-m", str(trained_model), "-f", "tsv", url)
+        assert tsv.exit_code == 0, tsv.output
+        assert tsv.stdout.split("\t")[0] == url
+        jsonl = run("beam", "-m", str(trained_model), "-f", "jsonl", "--attention-dir", str(tmp_path),
+                    url + "&x=1", f"http://127.0.0.1:{server.server_port}/nothing.png")
+        good, bad = [json.loads(line) for line in jsonl.stdout.strip().split("\n")]
+        assert good["path"] == url + "&x=1" and good["caption"]
+        with Image.open(tmp_path / "red_square_0.png") as pic:  # named after the URL's file name
+            assert pic.text["capcli:words"] == good["caption"]
+        assert bad["path"] == f"http://127.0.0.1:{server.server_port}/nothing.png" and "404" in bad["error"]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -69,7 +69,7 @@ def kaggle(tmp_path) -> Path:
 
 
 def test_kaggle_layout_samples_captions_and_quoted_commas(kaggle):
-    samples = load_dataset(kaggle)
+    samples = load_dataset(kaggle).samples
     assert len(samples) == 6
     assert all(len(s.captions) == 5 for s in samples)
     assert all(s.image_path.parent == kaggle / "Images" for s in samples)
@@ -91,7 +91,7 @@ def test_kaggle_lowercase_images_folder(tmp_path):
     root = tmp_path / "k"
     tiny_image(root / "images" / "a.png")
     write_csv(root / "captions.txt", [("a.png", "a red square")])
-    (sample,) = load_dataset(root)
+    (sample,) = load_dataset(root).samples
     assert sample.image_path == root / "images" / "a.png"
     assert sample.captions == ("a red square",)
 
@@ -117,7 +117,7 @@ def make_flickr8k_original(root: Path, *, subfolder: bool, split_files: bool) ->
 @pytest.mark.parametrize("subfolder", [False, True], ids=["text-at-root", "Flickr8k_text"])
 def test_flickr8k_original_official_split(tmp_path, subfolder, caplog):
     root = make_flickr8k_original(tmp_path / "f8k", subfolder=subfolder, split_files=True)
-    samples = load_dataset(root)
+    samples = load_dataset(root).samples
     got = {s.image_path.name: s.split for s in samples}
     assert got == {"1000_abc.jpg": "train", "1001_abc.jpg": "train", "1002_abc.jpg": "train",
                    "1003_abc.jpg": "val", "1004_abc.jpg": "test", "1005_abc.jpg": "test"}
@@ -132,7 +132,7 @@ def test_flickr8k_original_official_split(tmp_path, subfolder, caplog):
 
 def test_flickr8k_original_without_split_files_uses_hash_split(tmp_path):
     root = make_flickr8k_original(tmp_path / "f8k", subfolder=False, split_files=False)
-    samples = load_dataset(root)
+    samples = load_dataset(root).samples
     assert len(samples) == 7  # all on-disk images, none left out
     assert all(len(s.captions) == 5 for s in samples)
     assert all(s.split == hash_split(s.image_path.name) for s in samples)
@@ -159,7 +159,7 @@ def test_karpathy_json_own_split_and_restval(tmp_path):
         entries.append({"filename": name, "filepath": "", "split": split, "sentences": sentences})
     entries[4]["sentences"] = [{"tokens": ["only", "tokens", "here"]}]  # no 'raw': joined tokens
     (root / "dataset_flickr8k.json").write_text(json.dumps({"images": entries, "dataset": "flickr8k"}))
-    samples = by_name(load_dataset(root))
+    samples = by_name(load_dataset(root).samples)
     assert {n: s.split for n, s in samples.items()} == {
         "k0.jpg": "train", "k1.jpg": "val", "k2.jpg": "test", "k3.jpg": "train", "k4.jpg": "train"}
     assert samples["k1.jpg"].captions == ("Raw caption 0 of 1.", "Raw caption 1 of 1.", "Raw caption 2 of 1.")
@@ -175,7 +175,7 @@ def test_karpathy_coco_filepath(tmp_path):
         {"filepath": "train2014", "filename": "COCO_train2014_2.jpg", "split": "restval", "sentences": [{"raw": "a dog"}]},
     ]}
     (root / "dataset_coco.json").write_text(json.dumps(data))
-    samples = by_name(load_dataset(root))
+    samples = by_name(load_dataset(root).samples)
     assert samples["COCO_val2014_1.jpg"].image_path == root / "val2014" / "COCO_val2014_1.jpg"
     assert samples["COCO_val2014_1.jpg"].split == "test"
     assert samples["COCO_train2014_2.jpg"].split == "train"
@@ -203,7 +203,7 @@ def test_coco_caption_annotations(tmp_path, caplog):
         anns = [{"id": 100 * i + j, "image_id": i, "caption": f"image {i} caption {j}"} for i in ids for j in range(2)]
         anns.append({"id": 9999, "image_id": 424242, "caption": "an image nobody listed"})
         (root / "annotations" / f"captions_{stem}.json").write_text(json.dumps({"images": images, "annotations": anns}))
-    samples = load_dataset(root)
+    samples = load_dataset(root).samples
     assert len(samples) == 23
     assert all(len(s.captions) == 2 for s in samples)
     train = {s.image_path.name for s in samples if s.split == "train"}
@@ -232,7 +232,7 @@ def test_generic_csv_with_split_column(tmp_path):
     rows = [("a.png", "one", "train"), ("a.png", "two", "train"), ("b.png", "three", "VAL"),
             ("c.png", "four", "test"), ("d.png", "five", "validation")]
     captions = write_csv(tmp_path / "caps.csv", rows, header=("file_name", "text", "split"))
-    samples = by_name(load_dataset(captions_file=captions, images_dir=images))
+    samples = by_name(load_dataset(captions_file=captions, images_dir=images).samples)
     assert {n: s.split for n, s in samples.items()} == {"a.png": "train", "b.png": "val", "c.png": "test", "d.png": "val"}
     assert samples["a.png"].captions == ("one", "two")
 
@@ -242,11 +242,11 @@ def test_generic_tsv_and_jsonl(tmp_path):
     tiny_image(images / "a.png")
     tiny_image(images / "b.png")
     (tmp_path / "caps.tsv").write_text("image\tcaption\na.png\ta dog, running\nb.png\ta cat\n")
-    samples = by_name(load_dataset(captions_file=tmp_path / "caps.tsv", images_dir=images))
+    samples = by_name(load_dataset(captions_file=tmp_path / "caps.tsv", images_dir=images).samples)
     assert samples["a.png"].captions == ("a dog, running",)
     lines = [{"image": "a.png", "caption": ["first", "second"]}, {"file_name": "b.png", "text": "third", "split": "test"}]
     (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    samples = by_name(load_dataset(captions_file=tmp_path / "caps.jsonl", images_dir=images))
+    samples = by_name(load_dataset(captions_file=tmp_path / "caps.jsonl", images_dir=images).samples)
     assert samples["a.png"].captions == ("first", "second")
     assert samples["b.png"].split == "test"
 
@@ -254,7 +254,7 @@ def test_generic_tsv_and_jsonl(tmp_path):
 def test_generic_images_default_to_the_caption_files_folder(tmp_path):
     tiny_image(tmp_path / "a.png")
     write_csv(tmp_path / "caps.csv", [("a.png", "a thing")])
-    (sample,) = load_dataset(captions_file=tmp_path / "caps.csv")
+    (sample,) = load_dataset(captions_file=tmp_path / "caps.csv").samples
     assert sample.image_path == tmp_path / "a.png"
 
 
@@ -262,7 +262,7 @@ def test_flickr_token_file_through_captions_option(tmp_path):
     # "name.jpg#N<TAB>caption" read as a generic TSV: the "#N" is not part of the file name.
     tiny_image(tmp_path / "pics" / "x.jpg")
     (tmp_path / "tokens.txt").write_text("x.jpg#0\ta dog\nx.jpg#1\ta brown dog\n")
-    (sample,) = load_dataset(captions_file=tmp_path / "tokens.txt", images_dir=tmp_path / "pics")
+    (sample,) = load_dataset(captions_file=tmp_path / "tokens.txt", images_dir=tmp_path / "pics").samples
     assert sample.captions == ("a dog", "a brown dog")
 
 
@@ -300,8 +300,8 @@ def test_hash_split_depends_on_the_name_not_the_folder(tmp_path):
         for k in range(30):
             tiny_image(tmp_path / folder / f"p{k}.png")
         write_csv(tmp_path / f"{folder}.csv", [(f"p{k}.png", f"c{k}") for k in range(30)])
-    a = load_dataset(captions_file=tmp_path / "one.csv", images_dir=tmp_path / "one")
-    b = load_dataset(captions_file=tmp_path / "two.csv", images_dir=tmp_path / "two")
+    a = load_dataset(captions_file=tmp_path / "one.csv", images_dir=tmp_path / "one").samples
+    b = load_dataset(captions_file=tmp_path / "two.csv", images_dir=tmp_path / "two").samples
     assert [(s.image_path.name, s.split) for s in a] == [(s.image_path.name, s.split) for s in b]
 
 
@@ -312,7 +312,7 @@ def test_configurable_split_keeps_all_captions_of_an_image_together(tmp_path):
         rows += [(f"{k}.png", f"caption {j} for {k}") for j in range(3)]
     write_csv(tmp_path / "c.csv", rows)
     samples = load_dataset(captions_file=tmp_path / "c.csv", images_dir=tmp_path / "i",
-                           split_ratios=parse_split_ratios("50/50/0"))
+                           split_ratios=parse_split_ratios("50/50/0")).samples
     assert len(samples) == 60 and all(len(s.captions) == 3 for s in samples)
     assert len({s.image_path for s in samples}) == 60  # each image once: its captions stay together
     counts = split_counts(samples)
@@ -338,7 +338,7 @@ def test_missing_images_skipped_with_one_warning_that_counts(tmp_path, caplog):
     rows = [("here.png", "present")] + [(f"gone{k}.png", f"lost {j}") for k in range(3) for j in range(2)]
     write_csv(tmp_path / "c.csv", rows)
     with caplog.at_level(logging.WARNING, logger="capcli"):
-        samples = load_dataset(captions_file=tmp_path / "c.csv", images_dir=tmp_path / "i")
+        samples = load_dataset(captions_file=tmp_path / "c.csv", images_dir=tmp_path / "i").samples
     assert [s.image_path.name for s in samples] == ["here.png"]
     assert warnings_of(caplog) == [f"{tmp_path / 'c.csv'}: skipped 6 captions of 3 images not found on disk"]
 
@@ -381,7 +381,7 @@ def test_read_caption_table_line_numbers(tmp_path):
 # --------------------------------------------------------------------------- the real mini set
 
 def test_flickr8k_mini(mini_dir):
-    samples = load_dataset(mini_dir)
+    samples = load_dataset(mini_dir).samples
     assert len(samples) == 800
     assert sum(len(s.captions) for s in samples) == 4000
     assert all(len(s.captions) == 5 for s in samples)
@@ -389,67 +389,3 @@ def test_flickr8k_mini(mini_dir):
     assert counts["train"] > 650 and counts["val"] > 10 and counts["test"] > 10
     assert all(s.split == hash_split(s.image_path.name) for s in samples)
 
-
-# --------------------------------------------------------------------------- images for the model
-
-def test_pixels_are_normalised_channel_by_channel_into_channels_last_memory():
-    import torch
-    from PIL import Image
-
-    from capcli.images import image_to_pixels, image_to_tensor, normalize_pixels
-
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    img = Image.new("RGB", (10, 6), (255, 128, 0))
-    pixels = image_to_pixels(img, 4)
-    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 4, 3)
-    assert pixels.reshape(-1, 3).tolist() == [[255, 128, 0]] * 16
-    x = normalize_pixels(torch.stack([pixels, 255 - pixels]), mean, std)  # (2, 3, 4, 4)
-    assert x.shape == (2, 3, 4, 4) and x.is_contiguous(memory_format=torch.channels_last)
-    for b, rgb in enumerate([(255, 128, 0), (0, 127, 255)]):
-        for c in range(3):
-            want = (rgb[c] / 255 - mean[c]) / std[c]
-            torch.testing.assert_close(x[b, c], torch.full((4, 4), want), rtol=0, atol=1e-6)
-    assert torch.equal(image_to_tensor(img, 4, mean, std), x[0])
-
-
-@pytest.mark.parametrize("overlap", [False, True])
-def test_image_batches_keep_order_and_errors_in_place_and_load_at_most_one_batch_ahead(tmp_path, monkeypatch, overlap):
-    """overlap=False (the CPU): nothing loads while the caller works on a batch; overlap=True (a
-    GPU): the next batch, and no more, loads meanwhile."""
-    import threading
-    import time
-
-    from PIL import Image
-
-    import capcli.images as data
-
-    paths = []
-    for k in range(8):
-        paths.append(tmp_path / f"{k}.png")
-        if k != 3:  # 3.png is missing
-            Image.new("RGB", (9, 7), (k * 30, 0, 0)).save(paths[-1])
-    loaded, lock = [], threading.Lock()
-    real_load = data.load_image
-
-    def counting_load(path, draft_size=None):
-        with lock:
-            loaded.append(Path(path).name)
-        return real_load(path, draft_size)
-
-    monkeypatch.setattr(data, "load_image", counting_load)
-    batches = data.image_batches(iter(paths), 5, batch_size=3, workers=2, overlap=overlap)
-    first = next(batches)
-    deadline = time.time() + 5
-    while overlap and len(loaded) < 6 and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)  # anything else that were to load would have started by now
-    assert len(loaded) == (6 if overlap else 3)
-    rest = list(batches)
-    assert [len(b) for b in [first, *rest]] == [3, 3, 2]
-    items = [item for b in [first, *rest] for item in b]
-    assert [p for p, _ in items] == paths
-    for k, (_, item) in enumerate(items):
-        if k == 3:
-            assert isinstance(item, data.ImageError) and "no such file" in str(item)
-        else:
-            assert item.shape == (5, 5, 3) and item[..., 0].unique().tolist() == [k * 30]

@@ -22,8 +22,9 @@ import torch.distributed as dist
 from capcli import distributed
 from capcli.distributed import DistContext, shard_batch, shard_range
 from capcli.model import Decoder, ModelConfig
-from capcli.model import loss_terms
-from capcli.train import collate, length_bucketed_batches
+from capcli.model import caption_loss
+from capcli.feature_sources import length_bucketed_batches
+from capcli.train import collate
 from conftest import SMALL
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
@@ -87,7 +88,7 @@ def test_shard_losses_add_up_to_the_gradient_of_the_global_batch():
         padded, lengths, order = collate([tokens[i] for i in ids], torch.device("cpu"))
         logits, alphas = decoder(features[[ids[i] for i in order]], padded, lengths)
         extra = dict(total_words=sum(len(tokens[i]) - 1 for i in range(len(tokens))), total_captions=len(tokens)) if totals else {}
-        loss, _, _ = loss_terms(logits, alphas, padded, lengths, **kw, **extra, scale=scale)
+        loss, _, _ = caption_loss(logits, alphas, padded, lengths, **kw, **extra, scale=scale)
         loss.backward()
         return [p.grad.clone() for p in decoder.parameters()]
 

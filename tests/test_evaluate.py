@@ -67,4 +67,4 @@ def test_evaluate_uses_the_split_the_model_was_trained_with(trained_model, shape
     # trained with --split 80/20/0: its test split is empty, and evaluate says so
     result = CliRunner().invoke(app, ["evaluate", "--data", str(shapes_dir), "-m", str(trained_model), "--device", "cpu"])
     assert result.exit_code == 2
-    assert "test split is empty (split 80/20/0)" in result.stderr
+    assert "test split is empty (split from hash 80/20/0 of image names)" in result.stderr

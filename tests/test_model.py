@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from capcli.choices import ATTENTIONS, RNNS
 from capcli.encoders import Encoder
-from capcli.model import ATTENTIONS, RNNS, CaptionModel, Decoder, ModelConfig
-from capcli.model import caption_loss
+from capcli.model import CaptionModel, Decoder, ModelConfig, caption_loss
 from capcli.vocab import START
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -75,7 +75,8 @@ def test_every_combination_runs_forward_and_backward(encoders, encoder_name, att
         features = encoder(images)  # (2, L, D)
     assert features.shape == (2, 4, encoder.feature_dim)  # 64 px / 32 = a 2x2 grid
     captions = torch.tensor([[START, 5, 6, 7, 2], [START, 8, 2, 0, 0]])
-    loss, nll, words = caption_loss(decoder, features, captions, [5, 3], attention_reg=1.0)
+    logits, alphas = decoder(features, captions, [5, 3])  # (2, 4, V), (2, 4, L)
+    loss, nll, words = caption_loss(logits, alphas, captions, [5, 3], attention_reg=1.0)
     assert words == 6 and torch.isfinite(loss)
     loss.backward()
     grads = {n: p.grad for n, p in decoder.named_parameters()}

@@ -132,7 +132,7 @@ def test_unreadable_images_are_skipped_or_stop_training(tmp_path, shapes_dir):
     assert "skipping 1 unreadable image (first:" in result.stderr
     from capcli.datasets import load_dataset
 
-    train_images = [s for s in load_dataset(data, split_ratios=(0.8, 0.2, 0.0)) if s.split == "train"]
+    train_images = [s for s in load_dataset(data, split_ratios=(0.8, 0.2, 0.0)).samples if s.split == "train"]
     bad_in_train = any(s.image_path.name == "red_square_0.png" for s in train_images)
     expected = 5 * (len(train_images) - bad_in_train)  # five captions per image, none of the bad one
     assert checkpoint.load_model(run / "best.safetensors").training["train_captions"] == expected

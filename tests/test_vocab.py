@@ -178,7 +178,7 @@ def test_build_vocab_errors(tmp_path):
         csv.writer(f).writerows([("image", "caption", "split"), ("a.png", "a thing", "test")])
     result = CliRunner().invoke(app, ["build-vocab", "--captions", str(tmp_path / "p" / "c.csv"), "-o", str(tmp_path / "v.json")])
     assert result.exit_code == 2
-    assert result.stderr == f"capcli: {tmp_path / 'p' / 'c.csv'}: the train split has no captions\n"
+    assert result.stderr.splitlines()[-1] == f"capcli: {tmp_path / 'p' / 'c.csv'}: the train split has no captions"
 
 
 def test_build_vocab_on_flickr8k_mini(mini_dir, tmp_path):
@@ -189,3 +189,21 @@ def test_build_vocab_on_flickr8k_mini(mini_dir, tmp_path):
     assert 300 < len(v) < 3000
     assert all(n >= 5 for w, n in v.counts.items() if w in v.index)
     assert "coverage: train 9" in result.stdout  # >90% of train words known at min count 5
+
+
+@pytest.mark.parametrize("text", ["the dog\u2019s ball", "the dog\u2018s ball", "the dog\u02bcs ball", "\u2018the dog's ball\u2019"])
+def test_typographic_apostrophes_are_plain_apostrophes(text):
+    assert tokenize(text) == ["the", "dog's", "ball"]
+
+
+def test_vocabulary_is_validated_without_assert(tmp_path):
+    """python -O strips asserts: the checks must still refuse a vocabulary with a non-string word."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "v.json"
+    path.write_text(json.dumps({"words": ["<pad>", "<start>", "<end>", "<unk>", 5]}))
+    code = ("import sys\nfrom capcli.errors import CapcliError\nfrom capcli.vocab import Vocab\n"
+            "try:\n    Vocab.load(sys.argv[1])\nexcept CapcliError as e:\n    print(e.message)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == f"{path}: not a capcli vocabulary (expected JSON with a 'words' list)"
