@@ -5,9 +5,10 @@
 Prints one line per figure:
   encoder-only bound    images/s of the encoder alone on preprocessed images, at its best batch size
   pipeline beam 1 / 3   images/s of Captioner.caption_stream over the image files (decode + encode + search)
+  (these two for fp32 and for the automatic precision, e.g. bf16 on a CPU that has it)
   one-at-a-time loop    images/s captioning one image per call, model loaded once (beam 3)
-  (these three: medians of --repeat interleaved runs, with their spread)
-  ratios                pipeline / bound, pipeline / loop
+  (all of these: medians of --repeat interleaved runs, with their spread)
+  ratios                pipeline / bound, pipeline / loop, automatic precision / fp32
   cold start            wall seconds of `capcli caption one.jpg` in a fresh process (best and median of 3)
   peak memory           max RSS of `capcli beam` over 1000 image paths (streamed from stdin)
 On a GPU (--device cuda) the same figures are measured there.
@@ -45,9 +46,10 @@ def main() -> None:
     import torch
 
     from capcli.api import Captioner, default_model_path
-    from capcli.sampling import DecodeOptions
     from capcli.cli import keep_freed_memory
+    from capcli.devices import autocast
     from capcli.images import image_to_tensor, load_image
+    from capcli.sampling import DecodeOptions
 
     keep_freed_memory()  # as the capcli command does
 
@@ -55,10 +57,17 @@ def main() -> None:
     paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.n]
     if not paths:
         sys.exit(f"no images in {args.images}")
-    cap = Captioner.load(model_path, args.device)
+    cap = Captioner.load(model_path, args.device)  # the automatic precision
     cfg = cap.cfg
+    from capcli.devices import cpu_has_bf16
+
+    # fp32 first, then the automatic precision, and bf16 where the CPU has it even if auto keeps fp32
+    precisions = sorted({"fp32", cap.precision} | ({"bf16"} if cap.device.type == "cpu" and cpu_has_bf16() else set()),
+                        key=lambda p: (p != "fp32", p))
+    captioners = {p: Captioner(cap.loaded, cap.device, p) for p in precisions}
     print(f"# {len(paths)} images from {args.images}, model {model_path.name}, device {cap.device}, "
-          f"torch threads {torch.get_num_threads()}, batch {args.batch_size}", flush=True)
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
+          f"precisions {' and '.join(precisions)} (auto: {cap.precision})", flush=True)
 
     def sync():
         if cap.device.type == "cuda":
@@ -72,43 +81,52 @@ def main() -> None:
         sync()
         return n / (time.perf_counter() - t)
 
-    # (a) the bound: the encoder alone, images already decoded and resized
+    # (a) the bound: the encoder alone, images already decoded and resized, at its best batch size
     x = torch.stack([image_to_tensor(load_image(p), cfg.image_size, cfg.mean, cfg.std) for p in paths]).to(cap.device)
 
     @torch.inference_mode()
-    def encoder_only(b: int) -> None:
-        for k in range(0, len(x), b):
-            cap.model.encoder(x[k:k + b])
+    def encoder_only(b: int, precision: str) -> None:
+        with autocast(cap.device, precision):
+            for k in range(0, len(x), b):
+                cap.model.encoder(x[k:k + b])
 
-    rates_by_batch = {}
-    for b in (1, 2, 4, 8, 16, 32, 64):
-        encoder_only(b)  # warm-up: oneDNN builds its kernels for this shape
-        rates_by_batch[b] = timed(lambda: encoder_only(b), len(x))
-    best_batch = max(rates_by_batch, key=rates_by_batch.get)
+    best_batch = {}
+    for p in precisions:
+        rates_by_batch = {}
+        for b in (1, 2, 4, 8, 16, 32, 64):
+            encoder_only(b, p)  # warm-up: oneDNN builds its kernels for this shape
+            rates_by_batch[b] = timed(lambda: encoder_only(b, p), len(x))
+        best_batch[p] = max(rates_by_batch, key=rates_by_batch.get)
 
     # The pipeline as `capcli caption/beam` runs it, and (b) a loop captioning one image per call.
     # This machine's speed wanders by +-20% from one second to the next, so the measurements are
     # interleaved, repeated, and the medians compared.
     few = paths[: max(20, len(paths) // 4)]
     list(cap.caption_stream(paths, DecodeOptions(beam_size=1), batch_size=args.batch_size))  # warm-up: files in the page cache
-    runs: dict[str, list[float]] = {"bound": [], "beam 1": [], "beam 3": [], "loop": []}
+    runs: dict[str, list[float]] = {}
     for _ in range(args.repeat):
-        runs["bound"].append(timed(lambda: encoder_only(best_batch), len(x)))
-        for k in (1, 3):
-            runs[f"beam {k}"].append(timed(lambda: list(cap.caption_stream(paths, DecodeOptions(beam_size=k), batch_size=args.batch_size)), len(paths)))
-        runs["loop"].append(timed(lambda: [cap.caption([p], beam_size=3) for p in few], len(few)))
-    bound, loop = (statistics.median(runs[k]) for k in ("bound", "loop"))
-    rates = {k: statistics.median(runs[f"beam {k}"]) for k in (1, 3)}
+        for p, c in captioners.items():
+            runs.setdefault(f"bound {p}", []).append(timed(lambda: encoder_only(best_batch[p], p), len(x)))
+            for k in (1, 3):
+                runs.setdefault(f"beam {k} {p}", []).append(
+                    timed(lambda: list(c.caption_stream(paths, DecodeOptions(beam_size=k), batch_size=args.batch_size)), len(paths)))
+        runs.setdefault("loop", []).append(timed(lambda: [cap.caption([p], beam_size=3) for p in few], len(few)))
+    median = {key: statistics.median(v) for key, v in runs.items()}
 
     def spread(key: str) -> str:
         return f"min {min(runs[key]):.1f}, max {max(runs[key]):.1f}"
 
-    line("encoder-only bound", bound, "images/s", f"(batch {best_batch}; median of {args.repeat}, {spread('bound')})")
-    for k in (1, 3):
-        line(f"pipeline beam {k}", rates[k], "images/s", f"({rates[k] / bound:.2f}x the encoder bound; {spread(f'beam {k}')})")
-    line("one-at-a-time loop beam 3", loop, "images/s", f"({spread('loop')})")
-    line("pipeline beam 3 / loop", rates[3] / loop, "x")
-    line("pipeline beam 3 / encoder bound", rates[3] / bound, "x")
+    for p in precisions:
+        bound = median[f"bound {p}"]
+        line(f"encoder-only bound {p}", bound, "images/s", f"(batch {best_batch[p]}; median of {args.repeat}, {spread(f'bound {p}')})")
+        for k in (1, 3):
+            key = f"beam {k} {p}"
+            line(f"pipeline beam {k} {p}", median[key], "images/s", f"({median[key] / bound:.2f}x the {p} encoder bound; {spread(key)})")
+    line(f"one-at-a-time loop beam 3 {cap.precision}", median["loop"], "images/s", f"({spread('loop')})")
+    line(f"pipeline beam 3 {cap.precision} / loop", median[f"beam 3 {cap.precision}"] / median["loop"], "x")
+    for p in precisions[1:]:
+        for what in ("bound", "beam 1", "beam 3"):
+            line(f"ratio: {what} {p} / fp32", median[f"{what} {p}"] / median[f"{what} fp32"], "x")
 
     if args.skip_process:
         return

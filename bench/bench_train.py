@@ -3,11 +3,13 @@
     python bench/bench_train.py [--data DIR] [--images-limit 200] [--epochs 1] [--repeat 1]
 
 Prints one line per figure, each the captions/s of the last epoch's training steps (validation
-and the feature cache excluded: the cache is built once, before the timed runs, and copied in):
-  cpu, 1 process, 1 / all threads   plain `capcli train`
+and the feature cache excluded: the cache is built before the timed runs, and copied in):
+  feature cache fp32 / PRECISION    images/s of building the cache (each built --repeat times, interleaved)
+  cpu, 1 process, 1 / all threads   plain `capcli train`, fp32 and the automatic precision
   cpu, 2 gloo processes             `torchrun --nproc-per-node 2 -m capcli train`, the cores split between them
-  cuda, 1 GPU, AMP on / off   (with a GPU) one process; AMP off via CAPCLI_AMP=0
-  cuda, N GPUs nccl, AMP on   (with 2+ GPUs) torchrun over all of them
+  cuda, 1 GPU, bf16/fp16 / fp32     (with a GPU) one process
+  cuda, N GPUs nccl                 (with 2+ GPUs) torchrun over all of them
+  ratios                            automatic precision / fp32, side by side
 --batch-size is the global batch in every case, so all runs do the same arithmetic. On a machine
 with 2 CPU cores, expect no gain from 2 processes: the point there is correctness, not speed.
 Skips (exit 0, with a message) when the data set is absent.
@@ -82,14 +84,14 @@ def main() -> None:
         e.update(extra)
         return e
 
-    def run(name: str, cmd: list[str], e: dict, device: str) -> dict | None:
+    def run(name: str, cmd: list[str], e: dict, device: str, precision: str) -> dict | None:
         out = work / f"{name}-{time.time_ns()}"
-        for f in (work / f"cache-{device}").glob("features-*"):  # the cache is not what we measure
+        for f in (work / f"cache-{device}-{precision}").glob("features-*"):  # the cache is not what we measure
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, out / f.name)
         t0 = time.time()
-        p = subprocess.run([*cmd, "-q", "train", "-o", str(out), *common, "--device", device], env=e,
-                           capture_output=True, text=True)
+        p = subprocess.run([*cmd, "-q", "train", "-o", str(out), *common, "--device", device, "--precision", precision],
+                           env=e, capture_output=True, text=True)
         if p.returncode != 0:
             print(f"# {name}: failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
             return None
@@ -104,44 +106,82 @@ def main() -> None:
     def torchrun(n: int) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "capcli"]
 
+    from capcli.devices import cpu_has_bf16, resolve_precision
+
+    # the CPU's other precision: the automatic one, or bf16 where the CPU has it even if auto keeps fp32
+    cpu_auto = resolve_precision("auto", torch.device("cpu"))
+    cpu_auto = "bf16" if cpu_auto == "fp32" and cpu_has_bf16() else cpu_auto
     configs = []
     if not args.skip_cpu:
-        configs += [(f"cpu, 1 process, {t} thread{'s' * (t > 1)}", capcli, env(t), "cpu") for t in sorted({1, cores})]
+        for t in sorted({1, cores}):
+            for p in sorted({"fp32", cpu_auto}, reverse=True):
+                configs.append((f"cpu {p}, 1 process, {t} thread{'s' * (t > 1)}", capcli, env(t), "cpu", p))
         half = max(1, cores // 2)
-        configs.append((f"cpu, 2 gloo processes, {half} thread{'s' * (half > 1)} each", torchrun(2), env(half), "cpu"))
+        configs.append((f"cpu {cpu_auto}, 2 gloo processes, {half} thread{'s' * (half > 1)} each", torchrun(2), env(half), "cpu", cpu_auto))
     if gpus:
-        configs += [
-            ("cuda, 1 GPU, AMP on", capcli, env(None), "cuda"),
-            ("cuda, 1 GPU, AMP off (CAPCLI_AMP=0)", capcli, env(None, CAPCLI_AMP="0"), "cuda"),
-        ]
+        gpu_auto = resolve_precision("auto", torch.device("cuda"))
+        configs += [(f"cuda {p}, 1 GPU", capcli, env(None), "cuda", p) for p in (gpu_auto, "fp32")]
         if gpus >= 2:
-            configs.append((f"cuda, {gpus} GPUs nccl, AMP on", torchrun(gpus), env(None), "cuda"))
+            configs.append((f"cuda {gpu_auto}, {gpus} GPUs nccl", torchrun(gpus), env(None), "cuda", gpu_auto))
     print(f"# {'first ' + str(args.images_limit) + ' images of ' if captions else ''}{args.data}, global batch "
           f"{args.batch_size}, {args.epochs} epoch(s) per run, torch {torch.__version__}, {cores} CPU cores, {gpus} GPUs",
           flush=True)
 
-    # Build each device's feature cache once, untimed (Trainer.setup builds it; no training).
+    # Build each (device, precision)'s feature cache, --repeat times interleaved, timing the encoding
+    # (Trainer.setup builds it; no training). The last copy is used by the training runs.
+    import statistics
+
     from capcli.train import Trainer
     from capcli.train_config import TrainConfig
 
-    for device in sorted({c[3] for c in configs}):
-        t0 = time.time()
-        cfg = TrainConfig(output=str(work / f"cache-{device}"), split="90/10/0", min_freq=3, device=device,
-                          **({"captions": str(captions), "images": str(args.data / "Images")} if captions else {"data": str(args.data)}))
-        Trainer(cfg).setup()
-        print(f"# {device}: feature cache built in {time.time() - t0:.0f} s (not timed below)", flush=True)
+    import logging
+    import re
+
+    class CacheTimes(logging.Handler):  # the cache reports "cached features of N images in S s"
+        def emit(self, record):
+            if m := re.match(r"cached features of (\d+) images in ([\d.]+) s", record.getMessage()):
+                self.rate = int(m[1]) / max(float(m[2]), 1e-9)
+
+    timer = CacheTimes()
+    logging.getLogger("capcli").addHandler(timer)
+    logging.getLogger("capcli").setLevel(logging.INFO)
+    for p in (args.data / "Images").iterdir():  # the first build must not pay for reading the files from disk
+        p.read_bytes()
+    caches: dict[tuple[str, str], list[float]] = {(c[3], c[4]): [] for c in configs}
+    for _ in range(args.repeat):
+        for device, precision in caches:
+            folder = work / f"cache-{device}-{precision}"
+            shutil.rmtree(folder, ignore_errors=True)
+            cfg = TrainConfig(output=str(folder), split="90/10/0", min_freq=3, device=device, precision=precision,
+                              **({"captions": str(captions), "images": str(args.data / "Images")} if captions else {"data": str(args.data)}))
+            Trainer(cfg).setup()
+            caches[device, precision].append(timer.rate)
+    for (device, precision), rates in caches.items():
+        line(f"feature cache {device} {precision}", statistics.median(rates), "images/s",
+             f"(decode + encode; median of {len(rates)}, min {min(rates):.1f}, max {max(rates):.1f})")
 
     results: dict[str, list[dict]] = {name: [] for name, *_ in configs}
     for _ in range(args.repeat):
-        for name, cmd, e, device in configs:
-            r = run("".join(c if c.isalnum() else "-" for c in name)[:40], cmd, e, device)
+        for name, cmd, e, device, precision in configs:
+            r = run("".join(c if c.isalnum() else "-" for c in name)[:40], cmd, e, device, precision)
             if r is not None:
                 results[name].append(r)
+    rates = {}
     for name, rs in results.items():
         if rs:
-            best = max(rs, key=lambda r: r["captions_per_s"])
-            line(f"train {name}", best["captions_per_s"], "captions/s",
-                 f"(train loss {best['train_loss']:.4f}; {len(rs)} run(s), wall {best['wall']:.0f} s incl. start-up and validation)")
+            rates[name] = statistics.median(r["captions_per_s"] for r in rs)
+            line(f"train {name}", rates[name], "captions/s",
+                 f"(train loss {rs[-1]['train_loss']:.4f}; median of {len(rs)} run(s))")
+    for device in sorted({c[3] for c in configs}):
+        auto = cpu_auto if device == "cpu" else resolve_precision("auto", torch.device(device))  # as configured above
+        if auto != "fp32":
+            fp32 = caches.get((device, "fp32"))
+            if fp32:
+                line(f"ratio: feature cache {device} {auto} / fp32", statistics.median(caches[device, auto]) / statistics.median(fp32), "x")
+            for name in rates:
+                other = name.replace(f"{device} {auto},", f"{device} fp32,")
+                if name.startswith(f"{device} {auto},") and other in rates:
+                    line(f"ratio: train {name} / fp32", rates[name] / rates[other], "x")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

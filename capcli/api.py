@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import torch
 
 from capcli import checkpoint
-from capcli.devices import autocast, resolve_device
+from capcli.devices import autocast, encoder_batch, resolve_device, resolve_precision
 from capcli.errors import CapcliError
 from capcli.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
 from capcli.sampling import DecodeOptions, Hypothesis, decode
@@ -61,18 +61,21 @@ class CaptionResult:
 
 
 class Captioner:
-    def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device):
-        self.loaded = loaded
+    def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device, precision: str = "fp32"):
+        self.loaded, self.precision = loaded, precision  # the encoder's; the search runs in fp32
         self.model, self.vocab, self.metadata = loaded.model, loaded.vocab, loaded.metadata
         self.device = device
         self.cfg = self.model.cfg
         self._grid: tuple[int, int] | None = None
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto") -> "Captioner":
+    def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto") -> "Captioner":
+        """``precision`` of the encoder: auto (bf16 on GPUs that have it and on CPUs with AMX, fp16 on
+        older GPUs, else fp32), fp32, bf16, or fp16 on a GPU. The search always runs in fp32."""
         dev = resolve_device(device)
+        resolved = resolve_precision(precision, dev)
         loaded = checkpoint.load_model(path if path is not None else default_model_path(), dev)
-        return cls(loaded, dev)
+        return cls(loaded, dev, resolved)
 
     @property
     def training(self) -> dict:
@@ -88,12 +91,12 @@ class Captioner:
     # ------------------------------------------------------------------ core
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, L, D). On the CPU Lite0 is fastest a few images at a time."""
-        chunk = 64 if self.device.type == "cuda" else 4
+        """(N, 3, S, S) -> (N, L, D), in chunks of the size the encoder runs fastest at."""
+        chunk = encoder_batch(self.device, self.precision)
         out = []
         for k in range(0, images.size(0), chunk):
             x = images[k:k + chunk].to(self.device, non_blocking=True)  # (c, 3, S, S)
-            with autocast(self.device):
+            with autocast(self.device, self.precision):
                 out.append(self.model.encoder(x).float())  # (c, L, D)
         return torch.cat(out)  # (N, L, D)
 

@@ -86,6 +86,13 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 # --------------------------------------------------------------------------- plumbing
 
 class _StderrFormatter(logging.Formatter):
@@ -335,14 +342,15 @@ def train(
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val BLEU-4.", min=1, rich_help_panel=OPTIM)] = _DEFAULT.patience,
     lr_patience: Annotated[int, typer.Option(help="Halve the learning rate after every this many of them (0: never).", min=0, rich_help_panel=OPTIM)] = _DEFAULT.lr_patience,
     device: Annotated[Device, typer.Option(help="Where to train (auto: cuda when available).", rich_help_panel=RUN)] = Device(_DEFAULT.device),
+    precision: Annotated[Precision, typer.Option(help="auto: bf16 on GPUs and AMX CPUs (CPU: encoder only), else fp32.", rich_help_panel=RUN)] = Precision(_DEFAULT.precision),
     seed: Annotated[int, typer.Option(help="Random seed: weights, batches, dropout.", rich_help_panel=RUN)] = _DEFAULT.seed,
     workers: Annotated[int, typer.Option(help="Image-decoding threads.", min=1, rich_help_panel=RUN)] = _DEFAULT.workers,
     save_every: Annotated[float, typer.Option("--save-every", help="Minutes between saves within an epoch (0: at epoch ends only).", min=0.0, rich_help_panel=RUN)] = _DEFAULT.save_every,
 ):
     """Train a captioner; writes best.safetensors, last.safetensors, metrics.jsonl and curves.png to the run folder.
 
-    With --resume only --epochs, --patience, --device, --workers, --save-every and
-    --max-bad-fraction may be given: the run keeps its other settings.
+    With --resume only --epochs, --patience, --device, --precision, --workers, --save-every
+    and --max-bad-fraction may be given: the run keeps its other settings.
     """
     from capcli import train as training
 
@@ -394,6 +402,7 @@ def _run_training(fn):
 PathsArg = Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (searched recursively), URLs, or - for paths on stdin.", show_default=False, rich_help_panel=INPUT)]
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (.safetensors); default: the shipped model.", rich_help_panel=MODEL)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run; auto: cuda when available.", rich_help_panel=MODEL)]
+PrecisionOpt = Annotated[Precision, typer.Option(help="Encoder precision; auto: bf16 on GPUs and AMX CPUs, else fp32.", rich_help_panel=MODEL)]
 MaxLenOpt = Annotated[int, typer.Option(help="Longest caption, in words.", min=1, rich_help_panel=DECODING)]
 PenaltyOpt = Annotated[float, typer.Option(help="Rank by log-prob / length ** PENALTY.", rich_help_panel=DECODING)]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: captions; tsv: path<TAB>caption; jsonl: all details.", rich_help_panel=OUTPUT)]
@@ -403,7 +412,7 @@ WorkersOpt = Annotated[int, typer.Option(help="Image-decoding threads.", min=1, 
 MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse images with more pixels (width x height); 0: no limit.", min=0, rich_help_panel=PERFORMANCE)]
 
 
-def _caption_command(paths, model, device, batch_size, fmt, options, attention_dir, workers, max_pixels):
+def _caption_command(paths, model, device, precision, batch_size, fmt, options, attention_dir, workers, max_pixels):
     from capcli.api import Captioner
     from capcli.images import expand_paths
 
@@ -411,7 +420,7 @@ def _caption_command(paths, model, device, batch_size, fmt, options, attention_d
         if sys.stdin.isatty():
             raise CapcliError("give image paths, folders, or - to read paths from stdin (see --help)")
         paths = ["-"]
-    captioner = Captioner.load(model, device.value)
+    captioner = Captioner.load(model, device.value, precision.value)
     if attention_dir is not None:
         attention_dir.mkdir(parents=True, exist_ok=True)
     failed = total = 0
@@ -487,6 +496,7 @@ def caption(
     paths: PathsArg = None,
     model: ModelOpt = None,
     device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.auto,
     max_len: MaxLenOpt = 30,
     length_penalty: PenaltyOpt = 1.0,
     format: FormatOpt = Format.text,
@@ -499,7 +509,7 @@ def caption(
     from capcli.sampling import DecodeOptions
 
     options = DecodeOptions(beam_size=1, max_len=max_len, length_penalty=length_penalty)
-    _caption_command(paths, model, device, batch_size, format, options, attention_dir, workers, max_image_pixels)
+    _caption_command(paths, model, device, precision, batch_size, format, options, attention_dir, workers, max_image_pixels)
 
 
 @app.command()
@@ -508,6 +518,7 @@ def beam(
     paths: PathsArg = None,
     model: ModelOpt = None,
     device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.auto,
     beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="Beams per image.", min=1, rich_help_panel=DECODING)] = 3,
     nbest: Annotated[int, typer.Option(help="Captions per image to report (jsonl 'alternatives').", min=1, rich_help_panel=DECODING)] = 1,
     max_len: MaxLenOpt = 30,
@@ -524,7 +535,7 @@ def beam(
     from capcli.sampling import DecodeOptions
 
     options = DecodeOptions(beam_size=beam_size, nbest=nbest, max_len=max_len, length_penalty=length_penalty)
-    _caption_command(paths, model, device, batch_size, format, options, attention_dir, workers, max_image_pixels)
+    _caption_command(paths, model, device, precision, batch_size, format, options, attention_dir, workers, max_image_pixels)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -546,6 +557,7 @@ def evaluate(
     limit: Annotated[Optional[int], typer.Option(help="Score only the first N images of the split.", min=1, rich_help_panel=DATA)] = None,
     model: ModelOpt = None,
     device: DeviceOpt = Device.auto,
+    precision: PrecisionOpt = Precision.auto,
     beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="1: greedy; more: beam search.", min=1, rich_help_panel=DECODING)] = 1,
     max_len: MaxLenOpt = 30,
     length_penalty: PenaltyOpt = 1.0,
@@ -561,7 +573,7 @@ def evaluate(
     from capcli.sampling import DecodeOptions
 
     split_name = split_name.value
-    captioner = Captioner.load(model, device.value)
+    captioner = Captioner.load(model, device.value, precision.value)
     # The hash split must be the one the model was trained with, or test images may have been trained on.
     ratios = split_ratios or captioner.training.get("split")
     ratios = parse_split_ratios(ratios) if ratios else None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
@@ -24,14 +23,75 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def amp_enabled() -> bool:
-    """Mixed precision on CUDA, unless CAPCLI_AMP=0 (for comparisons and benchmarks)."""
-    return os.environ.get("CAPCLI_AMP", "1").strip().lower() not in ("0", "off", "false", "no")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on GPUs that have it, fp16 on older ones; nothing on the CPU or with CAPCLI_AMP=0."""
-    if device.type != "cuda" or not amp_enabled():
+def cpu_has_bf16() -> bool:
+    """Does this CPU compute in bf16 natively (AVX512-BF16 or AMX), as PyTorch's cpuinfo reports it?
+
+    oneDNN also runs bf16 on plain AVX-512 by emulation, slower than fp32: that does not count.
+    """
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def cpu_has_amx() -> bool:
+    """AMX tiles (Intel Sapphire Rapids and later): bf16 matrix units, where bf16 pays on the CPU."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """--precision -> "fp32", "bf16" or "fp16" for ``device``; a precision the device lacks is an error.
+
+    auto: on a GPU bf16 where it has it, else fp16. On a CPU bf16 only with AMX: with AVX512-BF16
+    alone (AMD Zen 4) the encoder runs no faster in bf16 than in fp32 at its best batch size, and
+    its captions move a little (docs/performance-notes.md), so auto keeps fp32 there.
+    """
+    if name not in PRECISIONS:
+        raise CapcliError(f"--precision {name!r}: choose {', '.join(PRECISIONS)}")
+    cuda = device.type == "cuda"
+    if name == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_amx() else "fp32"
+    if name == "fp16" and not cuda:
+        raise CapcliError("--precision fp16 is for CUDA GPUs; on the CPU use bf16 (where it has it) or fp32")
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise CapcliError("--precision bf16: this GPU has no bf16; use fp16 or fp32")
+    if name == "bf16" and not cuda and not cpu_has_bf16():
+        raise CapcliError("--precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX); use fp32 (or auto)")
+    return name
+
+
+def precision_note(name: str, resolved: str, device: torch.device) -> str:
+    """One line saying which precision runs and why, for the log."""
+    if name != "auto":
+        return f"precision: {resolved} (--precision {name})"
+    if device.type == "cuda":
+        return f"precision: {resolved} (auto: this GPU {'has' if resolved == 'bf16' else 'lacks'} bf16)"
+    if resolved == "bf16":
+        return "precision: bf16 for the encoder (auto: this CPU has AMX)"
+    if cpu_has_bf16():
+        return ("precision: fp32 (auto: this CPU has AVX512-BF16 but no AMX, and bf16 runs no faster there; "
+                "--precision bf16 forces it)")
+    return "precision: fp32 (auto: this CPU has no bf16 instructions, AVX512-BF16 or AMX)"
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast to ``precision`` ("bf16", "fp16"), or nothing for "fp32"."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def encoder_batch(device: torch.device, precision: str) -> int:
+    """Images per encoder call: on the CPU Lite0 is fastest a few at a time (docs/performance-notes.md)."""
+    if device.type == "cuda":
+        return 64
+    return 16 if precision == "bf16" else 4
+
+
+def decoder_precision(precision: str, device: torch.device) -> str:
+    """The decoder's precision: as asked on a GPU; fp32 on the CPU, where its small matrices gain
+    nothing from bf16 (docs/performance-notes.md)."""
+    return precision if device.type == "cuda" else "fp32"

@@ -134,7 +134,7 @@ class FeatureCache:
             os.pwrite(fd, data[pos:pos + count].tobytes(), start * self.row_bytes)
 
     def encode(self, encoder: torch.nn.Module, rows: Sequence[int], paths: Sequence[Path], cfg: ModelConfig,
-               device: torch.device, reporter: Reporter, workers: int, batch_size: int,
+               device: torch.device, precision: str, reporter: Reporter, workers: int, batch_size: int,
                part: int | None = None, description: str = "caching features") -> None:
         """Encode images ``paths[r]`` for the sorted ``rows``; unreadable images are recorded in ``bad``.
 
@@ -168,7 +168,7 @@ class FeatureCache:
                         good.append(item)
                 if good:
                     x = normalize_pixels(torch.stack(good).to(device), cfg.mean, cfg.std)  # (b, 3, S, S)
-                    with torch.no_grad(), autocast(device):
+                    with torch.no_grad(), autocast(device, precision):
                         f = encoder(x)  # (b, L, D)
                     self.write_rows(fd, good_rows, f)
                 rows_done = rows[start:start + len(items)]
@@ -187,17 +187,17 @@ class FeatureCache:
         log.info("cached features of %d images in %.1f s (%.1f ms/image)", n, time.time() - t0, 1000 * (time.time() - t0) / max(n, 1))
 
     def fill(self, encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
-             reporter: Reporter, workers: int, batch_size: int) -> None:
+             precision: str, reporter: Reporter, workers: int, batch_size: int) -> None:
         """Encode every image not cached yet, in this process (the single-process cache build)."""
         if self._part_paths():
             self.consolidate()
         rows = (~self.have).nonzero().flatten().tolist()
-        self.encode(encoder, rows, paths, cfg, device, reporter, workers, batch_size)
+        self.encode(encoder, rows, paths, cfg, device, precision, reporter, workers, batch_size)
 
 
 def build_feature_cache(ctx: DistContext, directory: Path, key: str, shape: tuple[int, int, int],
                         encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
-                        reporter: Reporter, workers: int, batch_size: int) -> FeatureCache:
+                        precision: str, reporter: Reporter, workers: int, batch_size: int) -> FeatureCache:
     """The complete feature cache of ``paths`` in ``directory``, on every rank; each image encoded once.
 
     Alone: encode what is missing. Under torchrun: the processes that see the same ``directory``
@@ -208,7 +208,7 @@ def build_feature_cache(ctx: DistContext, directory: Path, key: str, shape: tupl
     """
     if not ctx.enabled:
         cache = FeatureCache(directory, key, shape)
-        cache.fill(encoder, paths, cfg, device, reporter, workers, batch_size)
+        cache.fill(encoder, paths, cfg, device, precision, reporter, workers, batch_size)
         return cache
     leaders = distributed.storage_leaders(ctx, directory)
     leader = leaders[ctx.rank] == ctx.rank
@@ -241,7 +241,7 @@ def build_feature_cache(ctx: DistContext, directory: Path, key: str, shape: tupl
             assigned.append([i for b in blocks[lo:hi] for i in b])
         log.info("caching features of %d images on %d processes (%d each at most)", len(todo), ctx.world_size,
                  max(len(a) for a in assigned))
-        cache.encode(encoder, assigned[ctx.rank], paths, cfg, device, reporter, workers, batch_size, part=ctx.rank,
+        cache.encode(encoder, assigned[ctx.rank], paths, cfg, device, precision, reporter, workers, batch_size, part=ctx.rank,
                      description=f"caching features (share {ctx.rank + 1}/{ctx.world_size})")
         distributed.barrier(ctx)
         if len(set(leaders)) > 1:
@@ -295,9 +295,9 @@ def _exchange_rows(ctx: DistContext, cache: FeatureCache, leaders: list[int], as
     distributed.barrier(ctx)
 
 
-def cache_key(cfg: ModelConfig, weights_source: str, paths: Sequence[Path]) -> str:
+def cache_key(cfg: ModelConfig, weights_source: str, precision: str, paths: Sequence[Path]) -> str:
     h = hashlib.sha1()
-    h.update(json.dumps([cfg.encoder, cfg.grid, cfg.image_size, weights_source]).encode())
+    h.update(json.dumps([cfg.encoder, cfg.grid, cfg.image_size, weights_source, precision]).encode())
     for p in paths:
         h.update(str(p).encode() + b"\0")
     return h.hexdigest()[:16]

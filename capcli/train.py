@@ -24,7 +24,7 @@ import torch
 from capcli import checkpoint, distributed
 from capcli.curves import save_curves
 from capcli.datasets import Sample, load_dataset, parse_split_ratios, split_counts
-from capcli.devices import amp_enabled, autocast
+from capcli.devices import autocast, decoder_precision, encoder_batch, precision_note, resolve_precision
 from capcli.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
 from capcli.evaluate import score_captions
@@ -119,6 +119,8 @@ class Trainer:
         self.run_dir = Path(cfg.output)
         self.resume = resume
         self.device = distributed.training_device(ctx, cfg.device)
+        self.precision = resolve_precision(cfg.precision, self.device)  # the encoder's
+        self.decoder_precision = decoder_precision(self.precision, self.device)
         self.sync_checks = 0  # steps checked by CAPCLI_DEBUG_SYNC_CHECK
 
     # ---------------------------------------------------------------- set-up
@@ -127,6 +129,8 @@ class Trainer:
         cfg.validate()
         torch.manual_seed(cfg.seed)
         self.run_dir.mkdir(parents=True, exist_ok=True)  # every rank: the feature cache lives here
+        log.info("%s", precision_note(cfg.precision, self.precision, self.device))
+        cfg.precision = self.precision  # the run's config records what ran
         if ctx.is_main:
             atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
 
@@ -174,8 +178,7 @@ class Trainer:
         if encoder_params:
             groups.append({"params": encoder_params, "lr": cfg.encoder_lr})
         self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and amp_enabled()
-                                           and not torch.cuda.is_bf16_supported())
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.decoder_precision == "fp16")
 
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0
@@ -218,9 +221,9 @@ class Trainer:
         with torch.no_grad():
             probe = self.model.encoder(torch.zeros(1, 3, mcfg.image_size, mcfg.image_size, device=self.device))  # (1, L, D)
         shape = (len(paths), probe.size(1), probe.size(2))
-        batch = 64 if self.device.type == "cuda" else 4  # on the CPU, big batches slow Lite0 down
-        cache = build_feature_cache(self.ctx, self.run_dir, cache_key(mcfg, self.weights_source, paths), shape,
-                                    self.model.encoder, paths, mcfg, self.device, self.reporter, self.cfg.workers, batch)
+        key = cache_key(mcfg, self.weights_source, self.precision, paths)
+        cache = build_feature_cache(self.ctx, self.run_dir, key, shape, self.model.encoder, paths, mcfg, self.device,
+                                    self.precision, self.reporter, self.cfg.workers, encoder_batch(self.device, self.precision))
         self._check_bad(cache.bad, len(paths))
         if cache.bad:
             log.warning("skipping %d unreadable image%s (first: %s)", len(cache.bad), "s" * (len(cache.bad) != 1),
@@ -298,7 +301,7 @@ class Trainer:
             "epochs": self.epoch, "best_epoch": self.best_epoch,
             "val_bleu4": None if self.best_score == float("-inf") else self.best_score,
             "train_images": len(self.train_samples), "train_captions": len(self.train_set),
-            "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
+            "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "precision": self.precision,
             "options": {k: v for k, v in self.cfg.to_dict().items() if k not in ("output", "data", "captions", "images")},
             **extra,
         }
@@ -417,7 +420,7 @@ class Trainer:
         total_words = sum(len(captions.tokens[i]) - 1 for i in batch)
         padded, lengths, order = collate([captions.tokens[i] for i in mine], self.device)
         attention_reg = cfg.attention_reg if self.model.cfg.attention != "none" else 0.0
-        with autocast(self.device):
+        with autocast(self.device, self.decoder_precision):
             x, rows = inputs.for_captions([captions.image[mine[i]] for i in order])  # (N, L, D), or images and rows
             logits, alphas = self.net(x, padded, lengths, rows)
             loss, nll, _ = caption_loss(logits, alphas, padded, lengths, cfg.label_smoothing, attention_reg,
@@ -457,7 +460,7 @@ class Trainer:
             if not batch:
                 continue
             padded, lengths, order = collate([captions.tokens[i] for i in batch], self.device)
-            with autocast(self.device):
+            with autocast(self.device, self.decoder_precision):
                 x, rows = inputs.for_captions([captions.image[batch[i]] for i in order])
                 logits, alphas = self.train_net(x, padded, lengths, rows)
                 _, nll, n = caption_loss(logits, alphas, padded, lengths)
@@ -467,7 +470,7 @@ class Trainer:
         candidates = {}
         chunks = [images[k:k + 128] for k in range(0, len(images), 128)]
         for chunk in chunks[ctx.rank::ctx.world_size]:
-            with autocast(self.device):
+            with autocast(self.device, self.decoder_precision):
                 features, ok = self.source.features(chunk)  # (n, L, D) of the readable images
                 usable = [i for i, good in zip(chunk, ok) if good]
                 hyps = greedy(self.model.decoder, features, max_len=self.vocab.max_len) if usable else []

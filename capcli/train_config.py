@@ -49,6 +49,7 @@ class TrainConfig:
     lr_patience: int = 2  # halve the learning rate after every this many of them (0: never)
     # running
     device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (GPU); config.json records the one that ran
     seed: int = 0
     workers: int = 2
     save_every: float = 10.0  # minutes between saves within an epoch (0: only at epoch ends)
@@ -73,4 +74,4 @@ class TrainConfig:
 _RENAMED = {"out": "output", "save_every_minutes": "save_every"}
 
 # What --resume may change; everything else is the run's own and stays as it was.
-RESUMABLE = ("epochs", "patience", "device", "workers", "save_every", "max_bad_fraction")
+RESUMABLE = ("epochs", "patience", "device", "precision", "workers", "save_every", "max_bad_fraction")

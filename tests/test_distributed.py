@@ -155,7 +155,7 @@ def _cache_worker(rank: int, world: int, store: str, dirs: list[str], image_path
         encoder = _MeanPoolEncoder()
         leaders = distributed.storage_leaders(ctx, Path(directory))
         cache = build_feature_cache(ctx, Path(directory), "k", (len(image_paths), 4, 3), encoder,
-                                    [Path(p) for p in image_paths], mcfg, torch.device("cpu"), Reporter(), 1, 4)
+                                    [Path(p) for p in image_paths], mcfg, torch.device("cpu"), "fp32", Reporter(), 1, 4)
         results[case] = {"leaders": leaders, "encoded": encoder.images, "bad": sorted(cache.bad),
                          "done": cache.done, "features": cache.features.float().tolist()}
     # The sync check must notice a difference between the ranks, and be quiet without one.
