@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
@@ -48,11 +49,9 @@ class TrainingInterrupted(Exception):
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=vocab_size, encoder=cfg.encoder, image_size=cfg.image_size, grid=cfg.grid,
-        attention=cfg.attention, rnn=cfg.rnn, embed_dim=cfg.embed_dim,
-        attention_dim=cfg.attention_dim, decoder_dim=cfg.decoder_dim, dropout=cfg.dropout,
-    )
+    """The model settings of a run: TrainConfig's fields of the same names (encoder, sizes, dropout...)."""
+    shared = {f.name for f in fields(ModelConfig)} & {f.name for f in fields(TrainConfig)}
+    return ModelConfig(vocab_size=vocab_size, **{name: getattr(cfg, name) for name in shared})
 
 
 def collate(tokens: Sequence[list[int]], device: torch.device):
