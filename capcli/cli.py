@@ -355,7 +355,7 @@ def train(
     from capcli import train as training
 
     settings = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
-                for k, v in locals().items() if k in _TRAIN_FIELDS}
+                for k, v in ctx.params.items() if k in _TRAIN_FIELDS}
     reporter = RichReporter()
     if resume is not None:
         given = _given_options(ctx)

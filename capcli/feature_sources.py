@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from capcli.feature_cache import FeatureCache
-from capcli.images import ImageError, image_batches, normalize_pixels
+from capcli.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
 from capcli.model import ModelConfig
 
 
@@ -102,7 +102,7 @@ class EncodedImages:
     fine_tunes_encoder = True
 
     def __init__(self, encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
-                 workers: int, max_pixels: int | None = None):
+                 workers: int, max_pixels: int = MAX_IMAGE_PIXELS):
         self.encoder, self.paths, self.cfg, self.device, self.workers = encoder, paths, cfg, device, workers
         self.max_pixels = max_pixels
         self.bad: dict[int, str] = {}  # found while training; kept in the training state for --resume
@@ -123,9 +123,8 @@ class EncodedImages:
         todo = sorted({r for r in rows if r not in self.bad})
         if not todo:
             return {}
-        extra = {} if self.max_pixels is None else {"max_pixels": self.max_pixels}
         items = next(image_batches([self.paths[r] for r in todo], self.cfg.image_size, len(todo), self.workers,
-                                   overlap=False, **extra))
+                                   overlap=False, max_pixels=self.max_pixels))
         pixels = {}
         for r, (path, item) in zip(todo, items):
             if isinstance(item, ImageError):

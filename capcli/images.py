@@ -309,7 +309,8 @@ def image_batches(
     works on this one. overlap=False (on the CPU): a batch loads when it is asked for, and nothing
     loads while the caller computes, since the model already keeps every core busy. Loader threads
     never run torch arithmetic: a thread that does gets its own OpenMP team, which slows every model
-    operation (docs/performance-notes.md has the measurements). At most two batches are in memory: a folder of any size streams in bounded memory.
+    operation (docs/performance-notes.md has the measurements). At most two batches are in memory:
+    a folder of any size streams in bounded memory.
     """
     from concurrent.futures import ThreadPoolExecutor
     from itertools import islice
