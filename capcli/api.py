@@ -23,25 +23,47 @@ from capcli.devices import autocast, encoder_batch, resolve_device, resolve_prec
 from capcli.errors import CapcliError
 from capcli.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
 from capcli.sampling import DecodeOptions, Hypothesis, decode
+from capcli.tokenizers import DEFAULT_DECODE_LEN
 
 DEFAULT_MODEL_NAME = "capcli-lite0-flickr8k-mini.safetensors"
+# Short names of the shipped models, for --model NAME.
+SHIPPED_MODELS = {
+    "default": DEFAULT_MODEL_NAME,
+    "captions": DEFAULT_MODEL_NAME,
+    "smiles": "capcli-lite0-smiles.safetensors",
+}
+
+
+def _shipped(file_name: str) -> Path:
+    candidates = [
+        Path(__file__).resolve().parent.parent / "weights" / file_name,  # source checkout / editable install
+        Path(sys.prefix) / "share" / "capcli" / "weights" / file_name,  # regular install
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise CapcliError(
+        f"shipped model {file_name} not found ({candidates[0]} is missing); pass --model FILE, "
+        f"or train one with: capcli train --data DIR -o RUN_DIR"
+    )
 
 
 def default_model_path() -> Path:
     """$CAPCLI_MODEL, else the model shipped in the repository's weights/ (or the installed copy)."""
     if env := os.environ.get("CAPCLI_MODEL"):
         return Path(env)
-    candidates = [
-        Path(__file__).resolve().parent.parent / "weights" / DEFAULT_MODEL_NAME,  # source checkout / editable install
-        Path(sys.prefix) / "share" / "capcli" / "weights" / DEFAULT_MODEL_NAME,  # regular install
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise CapcliError(
-        f"no default model found ({candidates[0]} is missing); pass --model FILE, "
-        f"or train one with: capcli train --data DIR -o RUN_DIR"
-    )
+    return _shipped(DEFAULT_MODEL_NAME)
+
+
+def model_path(model: str | Path | None) -> Path:
+    """A --model value -> a file: None is the default model, a shipped model's short name
+    (default, captions, smiles) is that model, anything else is a path. A file of that name in
+    the working folder wins over a short name."""
+    if model is None:
+        return default_model_path()
+    if isinstance(model, str) and model in SHIPPED_MODELS and not Path(model).exists():
+        return default_model_path() if SHIPPED_MODELS[model] == DEFAULT_MODEL_NAME else _shipped(SHIPPED_MODELS[model])
+    return Path(model)
 
 
 @dataclass
@@ -70,11 +92,12 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto") -> "Captioner":
-        """``precision`` of the encoder: auto (bf16 on GPUs that have it and on CPUs with AMX, fp16 on
+        """``path``: a model file, a shipped model's short name (default, captions, smiles), or None
+        for the default model. ``precision`` of the encoder: auto (bf16 on GPUs that have it and on CPUs with AMX, fp16 on
         older GPUs, else fp32), fp32, bf16, or fp16 on a GPU. The search always runs in fp32."""
         dev = resolve_device(device)
         resolved = resolve_precision(precision, dev)
-        loaded = checkpoint.load_model(path if path is not None else default_model_path(), dev)
+        loaded = checkpoint.load_model(model_path(path), dev)
         return cls(loaded, dev, resolved)
 
     @property
@@ -102,6 +125,8 @@ class Captioner:
 
     @torch.inference_mode()
     def decode(self, features: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+        if options.max_len is None:
+            options = replace(options, max_len=DEFAULT_DECODE_LEN[self.vocab.tokenizer])
         return decode(self.model.decoder, features, options)
 
     def _result(self, path: str | None, hyps: list[Hypothesis]) -> CaptionResult:

@@ -29,7 +29,7 @@ def save_model(path, model, vocab, *, encoder_weights: str, training: dict | Non
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         tensors[name] = t.contiguous()
-    vocab_json = {"words": vocab.words, "min_freq": vocab.min_freq, "max_len": vocab.max_len}
+    vocab_json = {"words": vocab.words, "min_freq": vocab.min_freq, "max_len": vocab.max_len, "tokenizer": vocab.tokenizer}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

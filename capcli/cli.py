@@ -253,6 +253,16 @@ ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Image folde
 SplitOpt = Annotated[Optional[str], typer.Option("--split", help="Train/val/test percentages of a hash split (default 90/5/5) for data without its own split.", rich_help_panel=DATA)]
 
 
+class Tokenizer(str, Enum):
+    word = "word"
+    char = "char"
+    smiles = "smiles"
+
+
+TokenizerOpt = Annotated[Tokenizer, typer.Option(help="word: lowercase words; char: every character; smiles: SMILES atoms (Br, Cl, [nH], %10 one token each).", rich_help_panel=VOCAB)]
+MinFreqOpt = Annotated[Optional[int], typer.Option(help="Keep tokens seen this often in the train split (default: 5 words; 1 character or SMILES token).", min=1, show_default=False, rich_help_panel=VOCAB)]
+
+
 @app.command("build-vocab")
 @handle_errors
 def build_vocab(
@@ -260,11 +270,12 @@ def build_vocab(
     data: DataOpt = None,
     captions: CaptionsOpt = None,
     images: ImagesOpt = None,
-    min_freq: Annotated[int, typer.Option(help="Keep words seen this often in the train split.", min=1, rich_help_panel=VOCAB)] = 5,
-    max_len: Annotated[int, typer.Option(help="Longest training caption, in words.", min=1, rich_help_panel=VOCAB)] = 50,
+    tokenizer: TokenizerOpt = Tokenizer.word,
+    min_freq: MinFreqOpt = None,
+    max_len: Annotated[Optional[int], typer.Option(help="Longest training caption, in tokens (default: 50 words, 150 characters, 100 SMILES tokens).", min=1, show_default=False, rich_help_panel=VOCAB)] = None,
     split: SplitOpt = None,
 ):
-    """Count the words of the train split's captions and write a vocabulary JSON."""
+    """Count the tokens of the train split's captions and write a vocabulary JSON."""
     from capcli.datasets import load_dataset, parse_split_ratios
     from capcli.vocab import SPECIALS, Vocab
 
@@ -273,10 +284,14 @@ def build_vocab(
     train = [c for s in samples if s.split == "train" for c in s.captions]
     if not train:
         raise CapcliError(f"{data or captions}: the train split has no captions")
-    vocab = Vocab.build(train, min_freq, max_len)
+    vocab = Vocab.build(train, min_freq, max_len, tokenizer.value)
     vocab.save(output)
     val = [c for s in samples if s.split == "val" for c in s.captions]
-    print(f"vocabulary: {len(vocab)} words ({len(vocab) - len(SPECIALS)} + {len(SPECIALS)} specials), min count {min_freq}")
+    lengths = sorted(len(vocab.tokenize(c)) for c in train)
+    kept = sum(n <= vocab.max_len for n in lengths) / len(lengths)
+    print(f"vocabulary: {len(vocab)} {tokenizer.value} tokens ({len(vocab) - len(SPECIALS)} + {len(SPECIALS)} specials), min count {vocab.min_freq}")
+    print(f"length in tokens: median {lengths[len(lengths) // 2]}, 95th percentile {lengths[int(0.95 * (len(lengths) - 1))]}, "
+          f"longest {lengths[-1]}; --max-len {vocab.max_len} keeps {kept:.1%}")
     print(f"coverage: train {vocab.coverage(train):.2%}" + (f", val {vocab.coverage(val):.2%}" if val else ""))
     print(f"wrote {output}")
 
@@ -317,8 +332,9 @@ def train(
     images: ImagesOpt = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Train/val/test percentages of a hash split (default 90/5/5) for data without its own split.", rich_help_panel=DATA)] = None,
     vocab: Annotated[Optional[Path], typer.Option("--vocab", help="Vocabulary JSON from build-vocab (default: built here).", rich_help_panel=DATA)] = None,
-    min_freq: Annotated[int, typer.Option(help="Vocabulary built here: keep words seen this often.", min=1, rich_help_panel=DATA)] = _DEFAULT.min_freq,
-    max_len: Annotated[Optional[int], typer.Option(help="Leave out longer training captions, in words (default: the vocabulary's, 50).", min=1, rich_help_panel=DATA, show_default=False)] = None,
+    tokenizer: Annotated[Tokenizer, typer.Option(help="word, char or smiles (a --vocab file's must match).", rich_help_panel=DATA)] = Tokenizer(_DEFAULT.tokenizer),
+    min_freq: Annotated[Optional[int], typer.Option(help="Vocabulary built here: keep tokens seen this often (default: 5 words; 1 character or SMILES token).", min=1, show_default=False, rich_help_panel=DATA)] = _DEFAULT.min_freq,
+    max_len: Annotated[Optional[int], typer.Option(help="Leave out longer training captions, in tokens (default: the vocabulary's: 50 words, 150 characters, 100 SMILES tokens).", min=1, rich_help_panel=DATA, show_default=False)] = None,
     max_bad_fraction: Annotated[float, typer.Option(help="Stop if more of the images than this fraction cannot be read.", min=0.0, max=1.0, rich_help_panel=DATA)] = _DEFAULT.max_bad_fraction,
     encoder: Annotated[str, typer.Option(help="lite0 (offline), resnet50/101/152, or timm:NAME.", callback=_check_encoder, rich_help_panel=MODEL)] = _DEFAULT.encoder,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Encoder ImageNet weights file (.safetensors/.pth) instead of a download.", rich_help_panel=MODEL)] = None,
@@ -339,7 +355,7 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the word loss.", min=0.0, max=0.99, rich_help_panel=OPTIM)] = _DEFAULT.label_smoothing,
     fine_tune_encoder: Annotated[bool, typer.Option("--fine-tune-encoder", help="Train the encoder's top blocks too (no feature cache).", rich_help_panel=OPTIM)] = _DEFAULT.fine_tune_encoder,
     encoder_lr: Annotated[float, typer.Option(help="Learning rate of the fine-tuned encoder blocks.", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.encoder_lr,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val BLEU-4.", min=1, rich_help_panel=OPTIM)] = _DEFAULT.patience,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val score (BLEU-4; edit similarity for char/SMILES).", min=1, rich_help_panel=OPTIM)] = _DEFAULT.patience,
     lr_patience: Annotated[int, typer.Option(help="Halve the learning rate after every this many of them (0: never).", min=0, rich_help_panel=OPTIM)] = _DEFAULT.lr_patience,
     device: Annotated[Device, typer.Option(help="Where to train (auto: cuda when available).", rich_help_panel=RUN)] = Device(_DEFAULT.device),
     precision: Annotated[Precision, typer.Option(help="auto: bf16 on GPUs and AMX CPUs (CPU: encoder only), else fp32.", rich_help_panel=RUN)] = Precision(_DEFAULT.precision),
@@ -374,9 +390,12 @@ def train(
         run_dir = output
     if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return  # under torchrun only rank 0 prints the result
+    from capcli.evaluate import SELECTION
+
     best = run_dir / "best.safetensors"
-    bleu = summary.get("val_bleu4")
-    print(f"{best}" + (f"\tval BLEU-4 {bleu:.4f} (epoch {summary.get('best_epoch')})" if bleu is not None else ""))
+    key, label = next((k, v) for k, v in SELECTION.values() if k == summary.get("selection", "val_bleu4"))
+    score = summary.get(key)
+    print(f"{best}" + (f"\t{label} {score:.4f} (epoch {summary.get('best_epoch')})" if score is not None else ""))
 
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -400,10 +419,10 @@ def _run_training(fn):
 # --------------------------------------------------------------------------- caption / beam
 
 PathsArg = Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (searched recursively), URLs, or - for paths on stdin.", show_default=False, rich_help_panel=INPUT)]
-ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model file (.safetensors); default: the shipped model.", rich_help_panel=MODEL)]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model file (.safetensors), or a shipped model: default (photo captions) or smiles (molecules).", show_default=False, rich_help_panel=MODEL)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run; auto: cuda when available.", rich_help_panel=MODEL)]
 PrecisionOpt = Annotated[Precision, typer.Option(help="Encoder precision; auto: bf16 on GPUs and AMX CPUs, else fp32.", rich_help_panel=MODEL)]
-MaxLenOpt = Annotated[int, typer.Option(help="Longest caption, in words.", min=1, rich_help_panel=DECODING)]
+MaxLenOpt = Annotated[Optional[int], typer.Option(help="Longest output, in tokens (default: 30 words, 150 characters, 100 SMILES tokens).", min=1, show_default=False, rich_help_panel=DECODING)]
 PenaltyOpt = Annotated[float, typer.Option(help="Rank by log-prob / length ** PENALTY.", rich_help_panel=DECODING)]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: captions; tsv: path<TAB>caption; jsonl: all details.", rich_help_panel=OUTPUT)]
 AttnDirOpt = Annotated[Optional[Path], typer.Option(help="Write an attention picture (PNG) per image here.", rich_help_panel=OUTPUT)]
@@ -487,7 +506,7 @@ def _write_attention(directory: Path, r, names_used: set[str], max_pixels: int) 
     except ImageError as e:  # changed since it was captioned
         log.warning("%s: %s (no attention picture)", r.path, e)
         return
-    attention_map.save(directory / f"{name}.png", image, r.tokens, r.attention)
+    attention_map.save(directory / f"{name}.png", image, r.caption, r.tokens, r.attention)
 
 
 @app.command()
@@ -497,7 +516,7 @@ def caption(
     model: ModelOpt = None,
     device: DeviceOpt = Device.auto,
     precision: PrecisionOpt = Precision.auto,
-    max_len: MaxLenOpt = 30,
+    max_len: MaxLenOpt = None,
     length_penalty: PenaltyOpt = 1.0,
     format: FormatOpt = Format.text,
     attention_dir: AttnDirOpt = None,
@@ -521,7 +540,7 @@ def beam(
     precision: PrecisionOpt = Precision.auto,
     beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="Beams per image.", min=1, rich_help_panel=DECODING)] = 3,
     nbest: Annotated[int, typer.Option(help="Captions per image to report (jsonl 'alternatives').", min=1, rich_help_panel=DECODING)] = 1,
-    max_len: MaxLenOpt = 30,
+    max_len: MaxLenOpt = None,
     length_penalty: PenaltyOpt = 1.0,
     format: FormatOpt = Format.text,
     attention_dir: AttnDirOpt = None,
@@ -559,15 +578,17 @@ def evaluate(
     device: DeviceOpt = Device.auto,
     precision: PrecisionOpt = Precision.auto,
     beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="1: greedy; more: beam search.", min=1, rich_help_panel=DECODING)] = 1,
-    max_len: MaxLenOpt = 30,
+    max_len: MaxLenOpt = None,
     length_penalty: PenaltyOpt = 1.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object.", rich_help_panel=OUTPUT)] = False,
     save: Annotated[Optional[Path], typer.Option("--save", help="Write the captions here (JSONL, with references).", rich_help_panel=OUTPUT)] = None,
     batch_size: BatchOpt = 32,
     max_image_pixels: MaxPixelsOpt = MAX_IMAGE_PIXELS,
 ):
-    """Caption a split of a dataset and score it: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr."""
-    from capcli.api import Captioner, default_model_path
+    """Caption a split of a dataset and score it: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr for word
+    models; exact match and edit similarity for char and SMILES models, plus validity, canonical
+    match and Tanimoto for SMILES when RDKit is installed."""
+    from capcli.api import Captioner, model_path
     from capcli.datasets import load_dataset, parse_split_ratios, split_mismatch
     from capcli.evaluate import evaluate_model
     from capcli.sampling import DecodeOptions
@@ -580,7 +601,7 @@ def evaluate(
     dataset = load_dataset(data, captions_file=captions, images_dir=images, split_ratios=ratios)
     if (trained_from := split_mismatch(captioner.training, dataset, ratios)) is not None:
         log.warning("%s: trained on a split from %s; this evaluation's %s split comes from %s: its images may have "
-                    "been in training, scores may be inflated", model or default_model_path(), trained_from,
+                    "been in training, scores may be inflated", model_path(model), trained_from,
                     split_name, dataset.split_source)
     chosen = [s for s in dataset.samples if s.split == split_name][:limit]
     if not chosen:

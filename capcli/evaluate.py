@@ -1,4 +1,6 @@
-"""Caption metrics with pycocoevalcap: BLEU-1..4, METEOR (needs Java), ROUGE-L, CIDEr."""
+"""Scores of a model's output, by its tokenizer: caption metrics with pycocoevalcap for words
+(BLEU-1..4, METEOR (needs Java), ROUGE-L, CIDEr); exact match and edit similarity for characters
+and SMILES, with chemistry metrics for SMILES when RDKit is installed."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ import io
 import shutil
 from typing import Mapping, Sequence
 
+from capcli.chem_metrics import chem_scores, rdkit_available
 from capcli.images import MAX_IMAGE_PIXELS
-from capcli.vocab import tokenize
+from capcli.sequence_metrics import sequence_scores
+from capcli.tokenizers import tokenize
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -102,6 +106,39 @@ def score_captions(
     return {m: scores[m] for m in METRICS if m in scores}, notes
 
 
+def score_predictions(
+    references: Mapping[str, Sequence[str]], candidates: Mapping[str, str], kind: str = "word", tokenizer: str = "auto",
+) -> tuple[dict[str, float], list[str]]:
+    """Score one prediction per id the way its model's tokenizer ``kind`` calls for; (scores, notes).
+
+    ``tokenizer`` is score_captions' (word models only).
+    """
+    if kind == "word":
+        return score_captions(references, candidates, tokenizer=tokenizer)
+    scores, notes = sequence_scores(references, candidates), []
+    if kind == "smiles":
+        if rdkit_available():
+            scores.update(chem_scores(references, candidates))
+        else:
+            notes.append("chemistry metrics skipped: they need RDKit (pip install 'capcli[chem]')")
+    return scores, notes
+
+
+# The validation score that picks a run's best epoch, by tokenizer: (record key, label). Exact match
+# stays near 0 for the first epochs of a SMILES model; edit similarity shows progress from the start.
+SELECTION = {"word": ("val_bleu4", "val BLEU-4"), "char": ("val_edit_similarity", "val edit similarity"),
+             "smiles": ("val_edit_similarity", "val edit similarity")}
+
+
+def validation_scores(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str], kind: str) -> dict[str, float]:
+    """The validation record of an epoch: BLEU-4 for words (no Java needed), else exact match and edit similarity."""
+    if kind == "word":
+        scores, _ = score_captions(references, candidates, metrics=("BLEU",), tokenizer="simple")
+        return {"val_bleu4": scores["BLEU-4"]}
+    scores = sequence_scores(references, candidates)
+    return {"val_exact_match": scores["exact match"], "val_edit_similarity": scores["edit similarity"]}
+
+
 def evaluate_model(captioner, samples, options, batch_size: int = 32, tokenizer: str = "auto", on_result=None,
                    max_pixels: int = MAX_IMAGE_PIXELS):
     """Caption every sample's image with ``captioner`` and score against all of its references.
@@ -125,7 +162,7 @@ def evaluate_model(captioner, samples, options, batch_size: int = 32, tokenizer:
         candidates[r.path] = r.caption
     if not candidates:
         raise ValueError("no image could be captioned")
-    scores, notes = score_captions(references, candidates, tokenizer=tokenizer)
+    scores, notes = score_predictions(references, candidates, captioner.vocab.tokenizer, tokenizer)
     if failed:
         notes.append(f"{len(failed)} unreadable images left out (first: {failed[0]})")
     return scores, notes, results

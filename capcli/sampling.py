@@ -24,11 +24,11 @@ class DecodeOptions:
 
     beam_size: int = 1  # 1: greedy
     nbest: int = 1  # hypotheses to return per image, best first (<= beam_size)
-    max_len: int = 30  # longest caption, in tokens
+    max_len: int | None = None  # longest output, in tokens; None: the tokenizer's default (30 words, 100 SMILES tokens...)
     length_penalty: float = 1.0  # score = log-probability / length ** length_penalty
 
     def __post_init__(self) -> None:
-        if self.beam_size < 1 or self.max_len < 1:
+        if self.beam_size < 1 or (self.max_len is not None and self.max_len < 1):
             raise ValueError("beam_size and max_len must be at least 1")
         if not 1 <= self.nbest <= self.beam_size:
             raise ValueError(f"nbest {self.nbest} must be between 1 and beam_size {self.beam_size}")
@@ -181,6 +181,8 @@ def beam_search(
 
 def decode(decoder: Decoder, features: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
     """features (B, L, D) -> per image, ``options.nbest`` hypotheses, best first: greedy at beam size 1."""
+    if options.max_len is None:
+        raise ValueError("decode needs options.max_len (the Captioner fills in its tokenizer's default)")
     if options.beam_size == 1:
         return [[h] for h in greedy(decoder, features, options.max_len, options.length_penalty)]
     return beam_search(decoder, features, options.beam_size, options.max_len, options.length_penalty, options.nbest)

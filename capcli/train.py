@@ -28,7 +28,7 @@ from capcli.datasets import Sample, load_dataset, parse_split_ratios, split_coun
 from capcli.devices import autocast, decoder_precision, encoder_batch, precision_note, resolve_precision
 from capcli.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
-from capcli.evaluate import score_captions
+from capcli.evaluate import SELECTION, validation_scores
 from capcli.feature_cache import build_feature_cache, cache_key
 from capcli.feature_sources import CachedFeatures, CaptionSet, EncodedImages, length_bucketed_batches
 from capcli.files import atomic_write, atomic_write_bytes
@@ -41,7 +41,6 @@ from capcli.vocab import PAD, Vocab
 
 log = logging.getLogger("capcli")
 
-DEFAULT_MAX_LEN = 50  # words, when neither --max-len nor --vocab says
 
 
 class TrainingInterrupted(Exception):
@@ -205,13 +204,15 @@ class Trainer:
             return Vocab.load(path)
         if cfg.vocab:
             vocab = Vocab.load(cfg.vocab)
+            if vocab.tokenizer != cfg.tokenizer:
+                raise CapcliError(f"{cfg.vocab}: a {vocab.tokenizer} vocabulary, but --tokenizer is {cfg.tokenizer}")
             if cfg.max_len is not None and cfg.max_len != vocab.max_len:
-                log.info("longest caption: %d words (--max-len), not the vocabulary's %d", cfg.max_len, vocab.max_len)
+                log.info("longest caption: %d tokens (--max-len), not the vocabulary's %d", cfg.max_len, vocab.max_len)
                 vocab.max_len = cfg.max_len
         else:
-            max_len = cfg.max_len if cfg.max_len is not None else DEFAULT_MAX_LEN
-            vocab = Vocab.build((c for s in samples if s.split == "train" for c in s.captions), cfg.min_freq, max_len)
-            log.info("vocabulary: %d words (min count %d, train split only)", len(vocab), cfg.min_freq)
+            vocab = Vocab.build((c for s in samples if s.split == "train" for c in s.captions), cfg.min_freq, cfg.max_len,
+                                cfg.tokenizer)
+            log.info("vocabulary: %d %s tokens (min count %d, train split only)", len(vocab), vocab.tokenizer, vocab.min_freq)
         vocab.save(path)
         return vocab
 
@@ -251,7 +252,7 @@ class Trainer:
                     out.image.append(offset + i)
                     out.tokens.append(ids)
         if too_long:
-            log.info("left out %d captions longer than %d words", too_long, self.vocab.max_len)
+            log.info("left out %d captions longer than %d tokens", too_long, self.vocab.max_len)
         return out
 
     # ---------------------------------------------------------------- state
@@ -298,7 +299,8 @@ class Trainer:
         summary = {
             "data": self.cfg.data or self.cfg.captions, "split": self.cfg.split, "split_source": self.split_source,
             "epochs": self.epoch, "best_epoch": self.best_epoch,
-            "val_bleu4": None if self.best_score == float("-inf") else self.best_score,
+            "selection": SELECTION[self.vocab.tokenizer][0],
+            SELECTION[self.vocab.tokenizer][0]: None if self.best_score == float("-inf") else self.best_score,
             "train_images": len(self.train_samples), "train_captions": len(self.train_set),
             "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "precision": self.precision,
             "options": {k: v for k, v in self.cfg.to_dict().items() if k not in ("output", "data", "captions", "images")},
@@ -331,7 +333,7 @@ class Trainer:
             if old.name != f"last.state-{cid}.pt":
                 old.unlink(missing_ok=True)
         atomic_write_bytes(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
-        save_curves(self.run_dir / "curves.png", self.history, "val_bleu4" if self.val_samples else "train_loss",
+        save_curves(self.run_dir / "curves.png", self.history, SELECTION[self.vocab.tokenizer][0] if self.val_samples else "train_loss",
                     write=atomic_write)
 
     # ---------------------------------------------------------------- loop
@@ -442,7 +444,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Validation loss (teacher forced) and BLEU-4 of real greedy captions, no teacher forcing.
+        """Validation loss (teacher forced) and the scores of real greedy outputs, no teacher forcing
+        (BLEU-4 for words; exact match and edit similarity for characters and SMILES).
 
         Under DDP the ranks share the batches out (whole batches, so each is computed as a single
         process would) and rank 0 scores the gathered captions; the other ranks return {}.
@@ -483,9 +486,8 @@ class Trainer:
         if not candidates:
             return {}
         references = {k: list(samples[int(k)].captions) for k in candidates}
-        scores, _ = score_captions(references, candidates, metrics=("BLEU",), tokenizer="simple")
         return {"val_loss": nll_sum / max(words, 1), "val_ppl": math.exp(min(nll_sum / max(words, 1), 50)),
-                "val_bleu4": scores["BLEU-4"]}
+                **validation_scores(references, candidates, self.vocab.tokenizer)}
 
     def _end_epoch(self, epoch: int) -> bool:
         cfg, s = self.cfg, self.epoch_sums
@@ -495,7 +497,8 @@ class Trainer:
             for bad in distributed.all_gather_object(self.ctx, self.source.bad):
                 self.source.bad.update(bad)
         train_loss = s["nll"] / max(s["words"], 1)
-        score = val.get("val_bleu4", -train_loss)
+        key, label = SELECTION[self.vocab.tokenizer]
+        score = val.get(key, -train_loss)
         # Rank 0's numbers decide for all: the same best model, learning-rate halving and early stop everywhere.
         val, score = distributed.broadcast_object(self.ctx, (val, score))
         improved = score > self.best_score
@@ -514,8 +517,8 @@ class Trainer:
         self.epoch, self.step_in_epoch = epoch, 0
         self.history.append(record)
         log.info(
-            "epoch %d: train loss %.3f, val loss %s, val BLEU-4 %s%s, %.0f captions/s%s",
-            epoch, train_loss, f"{val['val_loss']:.3f}" if val else "-", f"{val['val_bleu4']:.4f}" if val else "-",
+            "epoch %d: train loss %.3f, val loss %s, %s %s%s, %.0f captions/s%s",
+            epoch, train_loss, f"{val['val_loss']:.3f}" if val else "-", label, f"{val[key]:.4f}" if val else "-",
             " (best)" if improved else "", record["captions_per_s"],
             f"; learning rate halved to {self.optimizer.param_groups[0]['lr']:.3g}" if halve else "",
         )
@@ -527,7 +530,7 @@ class Trainer:
             log.warning("skipping %d unreadable image%s (first: %s)", len(self.source.bad),
                         "s" * (len(self.source.bad) != 1), next(iter(self.source.bad.values())))
         if stop:
-            log.info("early stop: no better val BLEU-4 for %d epochs (best %.4f at epoch %d)", cfg.patience, self.best_score, self.best_epoch)
+            log.info("early stop: no better %s for %d epochs (best %.4f at epoch %d)", label, cfg.patience, self.best_score, self.best_epoch)
         return stop
 
 

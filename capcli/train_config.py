@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 
 from capcli.choices import check_names
 from capcli.errors import CapcliError
+from capcli.tokenizers import TOKENIZERS
 
 
 @dataclass
@@ -21,8 +22,9 @@ class TrainConfig:
     images: str | None = None
     split: str | None = None  # train/val/test percentages for a hash split; None: the dataset's own, else 90/5/5
     vocab: str | None = None
-    min_freq: int = 5
-    max_len: int | None = None  # longest training caption in words; None: the vocabulary's (50 when built here)
+    tokenizer: str = "word"  # word | char | smiles (see capcli.tokenizers); a --vocab file's must match
+    min_freq: int | None = None  # None: 5 for words, 1 for characters and SMILES tokens
+    max_len: int | None = None  # longest training caption in tokens; None: the vocabulary's (else the tokenizer's default)
     max_bad_fraction: float = 0.01  # stop when more of the images than this cannot be read
     # model
     encoder: str = "lite0"
@@ -57,6 +59,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Check the names before any data is read or any file is written."""
         check_names(self.encoder, self.attention, self.rnn)
+        if self.tokenizer not in TOKENIZERS:
+            raise CapcliError(f"unknown tokenizer {self.tokenizer!r} (choose {', '.join(TOKENIZERS)})")
         if self.data is None and self.captions is None:
             raise CapcliError("give the data: --data DIR, or --captions FILE --images DIR")
 

@@ -1,9 +1,8 @@
-"""Tokenizer and vocabulary: words <-> ids, saved as JSON with the counts it was built from."""
+"""Vocabulary: tokens <-> ids, saved as JSON with its tokenizer and the counts it was built from."""
 
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,31 +10,25 @@ from typing import Iterable, Sequence
 
 from capcli.errors import CapcliError
 from capcli.files import FileProblem, atomic_write_bytes, read_json
+from capcli.tokenizers import DEFAULT_MAX_LEN, check_tokenizer, detokenize, tokenize
 
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 PAD, START, END, UNK = range(4)
 
-# A word is a run of letters or digits, possibly with inner apostrophes ("dog's").
-# Everything else (punctuation, whitespace) separates words and is dropped: a caption's
-# trailing " ." carries no meaning and would only teach the model to print it.
-_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
-# Typographic apostrophes (’ ‘ ʼ) as typed by phones and word processors: the same word as with '.
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
-
-
-def tokenize(text: str) -> list[str]:
-    """Lowercase and split into words, dropping punctuation: "A dog, running." -> [a, dog, running]."""
-    return _WORD.findall(text.lower().translate(_APOSTROPHES))
-
 
 @dataclass
 class Vocab:
-    words: list[str]  # id -> word; the four specials first
+    words: list[str]  # id -> token (a word, a character or a SMILES token); the four specials first
     counts: dict[str, int] = field(default_factory=dict)  # train-split counts, for the record
     min_freq: int = 1
-    max_len: int = 50  # longest training caption, in words
+    max_len: int = 50  # longest training sequence, in tokens
+    tokenizer: str = "word"  # see capcli.tokenizers
 
     def __post_init__(self) -> None:
+        try:
+            check_tokenizer(self.tokenizer)
+        except ValueError as e:
+            raise CapcliError(str(e)) from None
         if tuple(self.words[:4]) != SPECIALS:
             raise CapcliError(f"vocabulary must start with {' '.join(SPECIALS)}")
         self.index = {w: i for i, w in enumerate(self.words)}
@@ -46,19 +39,30 @@ class Vocab:
         return len(self.words)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_freq: int = 5, max_len: int = 50) -> "Vocab":
-        """Count words over ``captions`` (the train split only) and keep those seen ``min_freq`` times."""
-        counts = Counter(w for c in captions for w in tokenize(c))
+    def build(cls, captions: Iterable[str], min_freq: int | None = None, max_len: int | None = None,
+              tokenizer: str = "word") -> "Vocab":
+        """Count tokens over ``captions`` (the train split only) and keep those seen ``min_freq`` times.
+
+        By default words need 5 sightings; characters and SMILES tokens 1, since a character model
+        must be able to write every symbol of its alphabet.
+        """
+        check_tokenizer(tokenizer)
+        if min_freq is None:
+            min_freq = 5 if tokenizer == "word" else 1
+        counts = Counter(w for c in captions for w in tokenize(c, tokenizer))
         kept = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
-        return cls(list(SPECIALS) + kept, dict(counts), min_freq, max_len)
+        return cls(list(SPECIALS) + kept, dict(counts), min_freq, max_len or DEFAULT_MAX_LEN[tokenizer], tokenizer)
+
+    def tokenize(self, text: str) -> list[str]:
+        return tokenize(text, self.tokenizer)
 
     def encode(self, caption: str) -> list[int]:
-        """Caption -> [<start>, w1, ..., wn, <end>]; unknown words become <unk>."""
-        ids = [self.index.get(w, UNK) for w in tokenize(caption)]
+        """Caption -> [<start>, t1, ..., tn, <end>]; unknown tokens become <unk>."""
+        ids = [self.index.get(w, UNK) for w in self.tokenize(caption)]
         return [START, *ids, END]
 
     def decode_ids(self, ids: Sequence[int]) -> list[str]:
-        """Ids -> words, stopping at <end> and skipping the other specials."""
+        """Ids -> tokens, stopping at <end> and skipping the other specials."""
         words = []
         for i in ids:
             if i == END:
@@ -68,19 +72,20 @@ class Vocab:
         return words
 
     def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(self.decode_ids(ids))
+        return detokenize(self.decode_ids(ids), self.tokenizer)
 
     def coverage(self, captions: Iterable[str]) -> float:
-        """Fraction of word occurrences in ``captions`` that the vocabulary knows."""
+        """Fraction of token occurrences in ``captions`` that the vocabulary knows."""
         known = total = 0
         for c in captions:
-            for w in tokenize(c):
+            for w in self.tokenize(c):
                 total += 1
                 known += w in self.index
         return known / total if total else 0.0
 
     def to_json(self) -> dict:
-        return {"words": self.words, "counts": self.counts, "min_freq": self.min_freq, "max_len": self.max_len}
+        return {"words": self.words, "counts": self.counts, "min_freq": self.min_freq, "max_len": self.max_len,
+                "tokenizer": self.tokenizer}
 
     @classmethod
     def from_json(cls, data: object, source: str = "vocabulary") -> "Vocab":
@@ -93,6 +98,7 @@ class Vocab:
                 {str(k): int(v) for k, v in dict(data.get("counts", {})).items()},
                 int(data.get("min_freq", 1)),
                 int(data.get("max_len", 50)),
+                str(data.get("tokenizer", "word")),  # files written before capcli 0.3 hold words
             )
         except CapcliError as e:
             raise CapcliError(f"{source}: {e.message}") from None

@@ -93,7 +93,7 @@ def test_attention_pictures_have_a_panel_per_word(trained_model, images, tmp_pat
         r = json.loads(line)
         png = out / (Path(r["path"]).stem + ".png")
         with Image.open(png) as pic:
-            assert pic.text["capcli:words"] == r["caption"]
+            assert pic.text["capcli:caption"] == r["caption"]
             n = len(r["tokens"])
             cols = min(5, n)
             rows = -(-n // cols)
@@ -180,7 +180,7 @@ def test_attention_pictures_of_one_run_never_share_a_file(trained_model, images,
     assert sorted(p.name for p in out.iterdir()) == ["dog-2-2.png", "dog-2.png", "dog.png"]
     for name, caption in zip(("dog.png", "dog-2.png", "dog-2-2.png"), captions):
         with Image.open(out / name) as pic:
-            assert pic.text["capcli:words"] == caption
+            assert pic.text["capcli:caption"] == caption
 
 
 def test_attention_panels_light_in_proportion_to_the_strongest_cell():
@@ -223,7 +223,7 @@ def test_url_arguments_are_printed_as_given(trained_model, shapes_dir, monkeypat
         good, bad = [json.loads(line) for line in jsonl.stdout.strip().split("\n")]
         assert good["path"] == url + "&x=1" and good["caption"]
         with Image.open(tmp_path / "red_square_0.png") as pic:  # named after the URL's file name
-            assert pic.text["capcli:words"] == good["caption"]
+            assert pic.text["capcli:caption"] == good["caption"]
         assert bad["path"] == f"http://127.0.0.1:{server.server_port}/nothing.png" and "404" in bad["error"]
     finally:
         server.shutdown()

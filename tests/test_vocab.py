@@ -128,9 +128,33 @@ def test_build_vocab_counts_only_the_train_split(tmp_path):
     assert "zebra" not in data["counts"] and "giraffe" not in data["counts"]  # no test/val leakage
     assert data["counts"]["square"] == 12 and data["counts"]["a"] == 18
     assert result.stdout.splitlines() == [
-        "vocabulary: 10 words (6 + 4 specials), min count 1",
+        "vocabulary: 10 word tokens (6 + 4 specials), min count 1",
+        "length in tokens: median 6, 95th percentile 6, longest 6; --max-len 50 keeps 100.0%",
         "coverage: train 100.00%, val 30.00%",  # val: a, a, square known of 10 words
         f"wrote {out}",
+    ]
+
+
+def test_build_vocab_smiles_keeps_atoms_whole_and_reports_lengths(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    rows = [("m0.png", "CCl", "train"), ("m1.png", "c1cc[nH]c1", "train"), ("m2.png", "C%10CCCCCCCCC%10", "train"),
+            ("m3.png", "CBr", "val")]
+    for name, _, _ in rows:
+        tiny_image(root / name)
+    with open(root / "caps.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption", "split"), *rows])
+    out = tmp_path / "vocab.json"
+    result = CliRunner().invoke(app, ["build-vocab", "--captions", str(root / "caps.csv"), "--tokenizer", "smiles",
+                                      "--max-len", "12", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    vocab = Vocab.load(out)
+    assert vocab.tokenizer == "smiles" and vocab.min_freq == 1 and vocab.max_len == 12
+    assert set(vocab.words[4:]) == {"C", "Cl", "c", "1", "[nH]", "%10"}
+    assert result.stdout.splitlines()[:3] == [
+        "vocabulary: 10 smiles tokens (6 + 4 specials), min count 1",
+        "length in tokens: median 7, 95th percentile 7, longest 12; --max-len 12 keeps 100.0%",
+        "coverage: train 100.00%, val 50.00%",  # CBr: C known, Br not
     ]
 
 
@@ -162,7 +186,7 @@ def test_build_vocab_min_freq_and_max_len_are_recorded(tmp_path):
     v = Vocab.load(out)
     assert v.words[4:] == ["a", "square"]  # a: 18, square: 12; red 6, blue 6 are below 7
     assert (v.min_freq, v.max_len) == (7, 12)
-    assert "vocabulary: 6 words (2 + 4 specials), min count 7" in result.stdout
+    assert "vocabulary: 6 word tokens (2 + 4 specials), min count 7" in result.stdout
 
 
 def test_build_vocab_errors(tmp_path):

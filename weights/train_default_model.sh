@@ -11,11 +11,4 @@ capcli train --data "$DATA" -o "$RUN" --split 80/10/10 --seed 0 --device cpu --l
     --epochs 25 --patience 6 --lr 1e-3 --batch-size 64 \
     --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3 --label-smoothing 0.1
 # Ship the best epoch (by val BLEU-4) in fp16: half the size, same captions.
-python - "$RUN/best.safetensors" weights/capcli-lite0-flickr8k-mini.safetensors <<'PY'
-import sys, torch
-from capcli import checkpoint
-m = checkpoint.load_model(sys.argv[1])
-checkpoint.save_model(sys.argv[2], m.model, m.vocab, encoder_weights=m.metadata["encoder_weights"],
-                      training=m.training, dtype=torch.float16)
-print(sys.argv[2])
-PY
+python weights/to_fp16.py "$RUN/best.safetensors" weights/capcli-lite0-flickr8k-mini.safetensors

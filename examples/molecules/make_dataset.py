@@ -1,0 +1,246 @@
+"""Render molecules (SMILES) with RDKit into an image-to-SMILES dataset in capcli's "Kaggle" layout.
+
+    python examples/molecules/make_dataset.py SMILES_CSV OUT_DIR [--size 300] [--variants K]
+        [--val 0.05] [--test 0.05] [--test-sizes 224,500] [--brics N] [--seed 0] [--workers 2]
+
+SMILES_CSV has a `smiles` column (or is a single column without header). Writes OUT_DIR/Images/*.png
+and OUT_DIR/captions.txt (CSV: image,caption,split; caption = RDKit canonical SMILES). The split is
+by molecule, from a hash of its canonical SMILES, so no molecule appears in two splits. val/test
+images are RDKit's default depiction at --size; train molecules get variant 0 (default depiction)
+plus K-1 augmented renders. Test molecules are also drawn at --test-sizes, listed separately in
+OUT_DIR/captions_test_sizes.csv. --brics N adds N train-only molecules recombined from BRICS
+fragments of the train molecules. Same arguments -> same files. Needs only numpy, Pillow, rdkit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import itertools
+import os
+import random
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+from rdkit import Chem, RDLogger
+from rdkit.Chem import BRICS, Draw, rdDepictor
+from rdkit.Chem.Draw import rdMolDraw2D
+
+RDLogger.DisableLog("rdApp.*")  # thousands of parse/sanitize warnings would drown the progress lines
+HAS_COORDGEN = hasattr(rdDepictor, "SetPreferCoordGen")
+
+
+def key_int(text: str) -> int:
+    """A stable 64-bit integer for a string (Python's hash() changes with PYTHONHASHSEED)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def split_of(smiles: str, val: float, test: float) -> str:
+    u = key_int(smiles) / 2**64  # uniform in [0, 1), fixed per molecule and independent of --seed
+    return "test" if u < test else "val" if u < test + val else "train"
+
+
+def read_smiles(path: str) -> list[str]:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if r and r[0].strip()]
+    header = [c.strip().lower() for c in rows[0]] if rows else []
+    if "smiles" in header:
+        col = header.index("smiles")
+        return [r[col] if col < len(r) else "" for r in rows[1:]]
+    if len(header) > 1:
+        sys.exit(f"{path}: no 'smiles' column in the header {rows[0]}")
+    return [r[0] for r in rows]  # one column, no header
+
+
+def default_depiction(smiles: str, size: int) -> Image.Image:
+    mol = Chem.MolFromSmiles(smiles)
+    if HAS_COORDGEN:
+        rdDepictor.SetPreferCoordGen(False)  # a global: an augmented render in this worker may have set it
+    return Draw.MolToImage(mol, size=(size, size))
+
+
+def augmented(smiles: str, key: int) -> Image.Image:
+    """One randomized drawing of the molecule; the molecule itself (and so its caption) is unchanged."""
+    rng, nrng = random.Random(key), np.random.default_rng(key)
+    mol = Chem.MolFromSmiles(smiles)
+    if rng.random() < 0.6:
+        # The depictor's layout depends on atom order: a random renumbering (same molecule, same
+        # canonical SMILES) and sometimes CoordGen instead of RDKit's own depictor vary the layout.
+        mol = Chem.RenumberAtoms(mol, rng.sample(range(mol.GetNumAtoms()), mol.GetNumAtoms()))
+        if HAS_COORDGEN:
+            rdDepictor.SetPreferCoordGen(rng.random() < 0.5)
+        rdDepictor.Compute2DCoords(mol, canonOrient=rng.random() < 0.5)
+    elif HAS_COORDGEN:
+        rdDepictor.SetPreferCoordGen(False)
+    w = h = rng.randint(200, 520)
+    if rng.random() < 0.3:  # not always square
+        h = max(200, min(520, int(w * rng.uniform(0.75, 1.33))))
+    d = rdMolDraw2D.MolDraw2DCairo(w, h)
+    o = d.drawOptions()
+    o.rotate = rng.uniform(0, 360)
+    o.bondLineWidth = rng.uniform(1, 4)
+    o.minFontSize = rng.randint(6, 12)  # floor/ceiling on label size in pixels (defaults 6 and 40)
+    o.maxFontSize = rng.randint(20, 40)
+    o.baseFontSize = rng.uniform(0.45, 0.9)  # label size relative to bond length
+    o.padding = rng.uniform(0.02, 0.12)  # varies how much of the canvas the molecule fills
+    o.multipleBondOffset = rng.uniform(0.1, 0.2)
+    if rng.random() < 0.3:
+        o.useBWAtomPalette()
+    rdMolDraw2D.PrepareAndDrawMolecule(d, mol)
+    d.FinishDrawing()
+    img = Image.open(io.BytesIO(d.GetDrawingText())).convert("RGB")
+    if rng.random() < 0.2:  # a slightly soft image: blur, or detail lost to a downscale
+        if rng.random() < 0.5:
+            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0)))
+        else:
+            f = rng.uniform(0.5, 0.8)
+            img = img.resize((int(w * f), int(h * f)), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+    if rng.random() < 0.3:
+        a = np.asarray(img, dtype=np.float32) + nrng.normal(0, rng.uniform(5, 15), (h, w, 1))
+        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    return img
+
+
+def render(task: tuple[str, str, int, int | None]) -> str:
+    """Worker: (path, smiles, size, augmentation key or None) -> path written."""
+    path, smiles, size, key = task
+    img = default_depiction(smiles, size) if key is None else augmented(smiles, key)
+    img.save(path)
+    return path
+
+
+def brics_molecules(train: list[str], n: int, taken: set[str], seed: int) -> list[str]:
+    """Up to n new molecules built from BRICS fragments of the train molecules only."""
+    frags = sorted(set().union(*(BRICS.BRICSDecompose(Chem.MolFromSmiles(s)) for s in train)))  # sorted: sets of str have no stable order
+    frags = [m for m in map(Chem.MolFromSmiles, frags) if m is not None]
+    rng, made, seen = random.Random(seed), [], set(taken)
+    # BRICSBuild over all fragments is combinatorial; small random subsets keep each call cheap and the
+    # products diverse. scrambleReagents=False: its shuffle uses random.shuffle(x, random=...), which
+    # Python 3.11 removed, and we shuffle (reproducibly) ourselves anyway. maxDepth=1 (up to ~3 fragments
+    # joined) is ~10x faster than maxDepth=2 and gives molecules of about the originals' size.
+    for _ in range(200 + 50 * n):
+        if len(made) >= n or len(frags) < 2:
+            break
+        subset = rng.sample(frags, min(len(frags), 10))
+        kept = 0
+        for p in itertools.islice(BRICS.BRICSBuild(subset, scrambleReagents=False, maxDepth=1), 30):
+            try:
+                Chem.SanitizeMol(p)
+                smi = Chem.MolToSmiles(p)
+                again = Chem.MolFromSmiles(smi)
+            except Exception:  # sanitization failures: Chem.AtomValenceException and friends
+                continue
+            if again is None or Chem.MolToSmiles(again) != smi or smi in seen:
+                continue  # the caption must round-trip: workers re-parse the SMILES to draw it
+            if 5 <= again.GetNumHeavyAtoms() <= 50 and len(smi) <= 100:
+                seen.add(smi)
+                made.append(smi)
+                kept += 1
+            if kept == 3 or len(made) >= n:  # a few per subset, so no one subset dominates
+                break
+    return made
+
+
+def write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)  # QUOTE_MINIMAL: a SMILES never has a comma, but quote if one ever does
+        w.writerow(["image", "caption", "split"])
+        w.writerows(rows)
+    os.replace(tmp, path)  # an interrupted run never leaves a half-written caption file
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("smiles_csv", help="CSV with a 'smiles' column, or one SMILES per line")
+    ap.add_argument("out_dir")
+    ap.add_argument("--size", type=int, default=300, help="image size of the default depiction (default 300)")
+    ap.add_argument("--variants", type=int, default=1, help="images per train molecule, the first the default depiction (default 1)")
+    ap.add_argument("--val", type=float, default=0.05, help="fraction of molecules in val (default 0.05)")
+    ap.add_argument("--test", type=float, default=0.05, help="fraction of molecules in test (default 0.05)")
+    ap.add_argument("--test-sizes", default="224,500", help="extra sizes for test molecules, comma-separated ('' for none)")
+    ap.add_argument("--brics", type=int, default=0, help="add N train-only molecules recombined from BRICS fragments")
+    ap.add_argument("--seed", type=int, default=0, help="seed for augmentation and BRICS (not the split)")
+    ap.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
+    args = ap.parse_args()
+    if args.variants < 1 or not (0 <= args.val and 0 <= args.test and args.val + args.test <= 1):
+        ap.error("need --variants >= 1, --val/--test >= 0 summing to at most 1")
+    test_sizes = [int(s) for s in args.test_sizes.split(",") if s.strip()]
+    t0 = time.time()
+
+    canon, bad, dup = [], 0, 0
+    seen: set[str] = set()
+    for s in read_smiles(args.smiles_csv):
+        mol = Chem.MolFromSmiles(s.strip())
+        if mol is None:
+            bad += 1
+            continue
+        smi = Chem.MolToSmiles(mol)  # canonical, stereo kept
+        if smi in seen:
+            dup += 1
+            continue
+        seen.add(smi)
+        canon.append(smi)
+    splits = [split_of(s, args.val, args.test) for s in canon]
+    brics = brics_molecules([s for s, sp in zip(canon, splits) if sp == "train"], args.brics, seen, args.seed) if args.brics else []
+
+    out, images = Path(args.out_dir), Path(args.out_dir) / "Images"
+    images.mkdir(parents=True, exist_ok=True)
+    tasks, rows, size_rows = [], [], []  # tasks: (path, smiles, size, augmentation key or None)
+
+    def add_train(prefix: str, i: int, smi: str) -> None:
+        for k in range(args.variants):
+            name = f"{prefix}{i:05d}_v{k}.png"
+            tasks.append((str(images / name), smi, args.size, None if k == 0 else key_int(f"{args.seed}|{name}")))
+            rows.append((name, smi, "train"))
+
+    for i, (smi, sp) in enumerate(zip(canon, splits)):
+        if sp == "train":
+            add_train("m", i, smi)
+            continue
+        for size in [args.size] + (test_sizes if sp == "test" else []):
+            name = f"m{i:05d}_s{size}.png"
+            tasks.append((str(images / name), smi, size, None))
+            (rows if size == args.size else size_rows).append((name, smi, sp))
+    for i, smi in enumerate(brics):
+        add_train("b", i, smi)
+
+    # Each task carries its own seed, so the files do not depend on --workers or on chunk order.
+    t1 = time.time()
+    with Pool(args.workers) if args.workers > 1 else _Serial() as pool:
+        for done, _ in enumerate(pool.imap(render, tasks, chunksize=16), 1):
+            if done % 1000 == 0:
+                print(f"[make_dataset] {done}/{len(tasks)} images, {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
+    t2 = time.time()
+
+    write_csv(out / "captions.txt", rows)
+    if size_rows:
+        write_csv(out / "captions_test_sizes.csv", size_rows)
+    count = {sp: splits.count(sp) for sp in ("train", "val", "test")}
+    print(f"[make_dataset] molecules: train {count['train']} + BRICS {len(brics)}/{args.brics}, val {count['val']}, "
+          f"test {count['test']}; images: {len(rows)} in captions.txt + {len(size_rows)} test sizes; "
+          f"skipped: {bad} unparsable, {dup} duplicates; {t2 - t0:.1f} s ({t1 - t0:.1f} s parsing/BRICS, "
+          f"{1000 * (t2 - t1) / max(1, len(tasks)):.1f} ms per image)", file=sys.stderr)
+
+
+class _Serial:
+    """Stand-in for Pool with --workers 1: same imap, in this process (easier to debug)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items, chunksize=1):
+        return map(fn, items)
+
+
+if __name__ == "__main__":
+    main()
