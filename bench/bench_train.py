@@ -1,6 +1,6 @@
 """Training throughput (captions/s) of one process and of DistributedDataParallel, side by side in one run.
 
-    python bench/bench_train.py [--data DIR] [--images-limit 200] [--epochs 1] [--repeat 1]
+    python bench/bench_train.py [--data DIR] [--images-limit 200] [--epochs 1] [--repeat 1] [--scst]
 
 Prints one line per figure, each the captions/s of the last epoch's training steps (validation
 and the feature cache excluded: the cache is built before the timed runs, and copied in):
@@ -10,6 +10,10 @@ and the feature cache excluded: the cache is built before the timed runs, and co
   cuda, 1 GPU, bf16/fp16 / fp32     (with a GPU) one process
   cuda, N GPUs nccl                 (with 2+ GPUs) torchrun over all of them
   ratios                            automatic precision / fp32, side by side
+  --scst, instead of all the above  an epoch of self-critical training (capcli.scst) beside the
+                                    cross-entropy epoch it starts from, one process, all threads (or
+                                    $OMP_NUM_THREADS): seconds, captions/s (sampled captions for
+                                    SCST), the share of the CIDEr-D reward, the ratio of epoch times
 --batch-size is the global batch in every case, so all runs do the same arithmetic. On a machine
 with 2 CPU cores, expect no gain from 2 processes: the point there is correctness, not speed.
 Skips (exit 0, with a message) when the data set is absent.
@@ -60,6 +64,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="alternate the configurations this many times")
     ap.add_argument("--skip-cpu", action="store_true", help="only the GPU figures")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
+    ap.add_argument("--scst", action="store_true", help="instead: time a self-critical epoch against a cross-entropy one")
     args = ap.parse_args()
 
     if not (args.data / "captions.txt").is_file():
@@ -84,20 +89,25 @@ def main() -> None:
         e.update(extra)
         return e
 
-    def run(name: str, cmd: list[str], e: dict, device: str, precision: str) -> dict | None:
+    def run(name: str, cmd: list[str], e: dict, device: str, precision: str, extra: tuple = (), keep: bool = False) -> dict | None:
         out = work / f"{name}-{time.time_ns()}"
         for f in (work / f"cache-{device}-{precision}").glob("features-*"):  # the cache is not what we measure
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, out / f.name)
         t0 = time.time()
-        p = subprocess.run([*cmd, "-q", "train", "-o", str(out), *common, "--device", device, "--precision", precision],
-                           env=e, capture_output=True, text=True)
+        base = list(common)
+        if "--init" in extra:  # the vocabulary comes from the model file
+            k = base.index("--min-freq")
+            del base[k:k + 2]
+        p = subprocess.run([*cmd, "-q", "train", "-o", str(out), *base, "--device", device, "--precision", precision,
+                            *extra], env=e, capture_output=True, text=True)
         if p.returncode != 0:
             print(f"# {name}: failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
             return None
         last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
         last["wall"] = time.time() - t0
-        if not args.keep:
+        last["run"] = out
+        if not args.keep and not keep:
             shutil.rmtree(out, ignore_errors=True)
         return last
 
@@ -123,6 +133,14 @@ def main() -> None:
         configs += [(f"cuda {p}, 1 GPU", capcli, env(None), "cuda", p) for p in (gpu_auto, "fp32")]
         if gpus >= 2:
             configs.append((f"cuda {gpu_auto}, {gpus} GPUs nccl", torchrun(gpus), env(None), "cuda", gpu_auto))
+    if args.scst:
+        # Instead of the comparisons above: one process, the automatic precision, all threads (the
+        # GPU where there is one); a cross-entropy run, then one self-critical epoch from its best
+        # model, on the same cache.
+        device = "cuda" if gpus else "cpu"
+        precision = resolve_precision("auto", torch.device(device))
+        threads = None if gpus or "OMP_NUM_THREADS" in os.environ else cores
+        configs = [(f"{device} {precision}, 1 process", capcli, env(threads), device, precision)]
     print(f"# {'first ' + str(args.images_limit) + ' images of ' if captions else ''}{args.data}, global batch "
           f"{args.batch_size}, {args.epochs} epoch(s) per run, torch {torch.__version__}, {cores} CPU cores, {gpus} GPUs",
           flush=True)
@@ -161,7 +179,7 @@ def main() -> None:
              f"(decode + encode; median of {len(rates)}, min {min(rates):.1f}, max {max(rates):.1f})")
 
     results: dict[str, list[dict]] = {name: [] for name, *_ in configs}
-    for _ in range(args.repeat):
+    for _ in range(0 if args.scst else args.repeat):
         for name, cmd, e, device, precision in configs:
             r = run("".join(c if c.isalnum() else "-" for c in name)[:40], cmd, e, device, precision)
             if r is not None:
@@ -172,7 +190,7 @@ def main() -> None:
             rates[name] = statistics.median(r["captions_per_s"] for r in rs)
             line(f"train {name}", rates[name], "captions/s",
                  f"(train loss {rs[-1]['train_loss']:.4f}; median of {len(rs)} run(s))")
-    for device in sorted({c[3] for c in configs}):
+    for device in sorted({c[3] for c in configs} if not args.scst else ()):
         auto = cpu_auto if device == "cpu" else resolve_precision("auto", torch.device(device))  # as configured above
         if auto != "fp32":
             fp32 = caches.get((device, "fp32"))
@@ -182,6 +200,21 @@ def main() -> None:
                 other = name.replace(f"{device} {auto},", f"{device} fp32,")
                 if name.startswith(f"{device} {auto},") and other in rates:
                     line(f"ratio: train {name} / fp32", rates[name] / rates[other], "x")
+    if args.scst:
+        name, cmd, e, device, precision = configs[0]
+        for _ in range(args.repeat):
+            xe = run("scst-xe", cmd, e, device, precision, keep=True)
+            if xe is None:
+                break
+            sc = run("scst", cmd, e, device, precision, ("--init", str(xe["run"] / "best.safetensors"), "--scst-after", "0",
+                                                          "--epochs", "1"))
+            if sc is None:
+                break
+            line(f"xe epoch ({name})", xe["captions_per_s"], "captions/s", f"({xe['train_seconds']:.1f} s)")
+            line(f"scst epoch ({name})", sc["captions_per_s"], "captions/s",
+                 f"(sampled, {sc['train_seconds']:.1f} s; CIDEr-D reward {sc['reward_seconds']:.2f} s = "
+                 f"{sc['reward_seconds'] / max(sc['train_seconds'], 1e-9):.1%}; mean reward {sc['train_reward']:.3f})")
+            line("ratio: scst / xe epoch time", sc["train_seconds"] / max(xe["train_seconds"], 1e-9), "x")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -246,6 +246,7 @@ def _main(
 
 # Help panels, so that `--help` reads by topic
 DATA, VOCAB, MODEL, RUN, OPTIM = "Data", "Vocabulary", "Model", "Run", "Optimisation"
+SCST = "Self-critical training"
 INPUT, DECODING, OUTPUT, PERFORMANCE = "Input", "Decoding", "Output", "Performance"
 DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder (Flickr8k, Karpathy JSON, COCO).", rich_help_panel=DATA)]
 CaptionsOpt = Annotated[Optional[Path], typer.Option("--captions", help="Caption file (CSV, TSV, JSONL) instead of --data.", rich_help_panel=DATA)]
@@ -310,6 +311,11 @@ class Rnn(str, Enum):
     gru = "gru"
 
 
+class Baseline(str, Enum):
+    mean = "mean"
+    greedy = "greedy"
+
+
 def _check_encoder(name: str) -> str:
     from capcli.choices import encoder_name_problem
 
@@ -355,8 +361,14 @@ def train(
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the word loss.", min=0.0, max=0.99, rich_help_panel=OPTIM)] = _DEFAULT.label_smoothing,
     fine_tune_encoder: Annotated[bool, typer.Option("--fine-tune-encoder", help="Train the encoder's top blocks too (no feature cache).", rich_help_panel=OPTIM)] = _DEFAULT.fine_tune_encoder,
     encoder_lr: Annotated[float, typer.Option(help="Learning rate of the fine-tuned encoder blocks.", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.encoder_lr,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val score (BLEU-4; edit similarity for char/SMILES).", min=1, rich_help_panel=OPTIM)] = _DEFAULT.patience,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val score (BLEU-4; CIDEr with --scst-after; edit similarity for char/SMILES).", min=1, rich_help_panel=OPTIM)] = _DEFAULT.patience,
     lr_patience: Annotated[int, typer.Option(help="Halve the learning rate after every this many of them (0: never).", min=0, rich_help_panel=OPTIM)] = _DEFAULT.lr_patience,
+    val_beam: Annotated[int, typer.Option(help="Validation captions: 1 greedy, K beam search.", min=1, rich_help_panel=OPTIM)] = _DEFAULT.val_beam,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Start from this capcli model: its weights, vocabulary and model settings.", rich_help_panel=MODEL)] = None,
+    scst_after: Annotated[Optional[int], typer.Option(help="Self-critical training (CIDEr-D reward) after this many cross-entropy epochs (0: from the start, with --init).", min=0, show_default=False, rich_help_panel=SCST)] = _DEFAULT.scst_after,
+    scst_samples: Annotated[int, typer.Option(help="Captions sampled per image.", min=1, rich_help_panel=SCST)] = _DEFAULT.scst_samples,
+    scst_baseline: Annotated[Baseline, typer.Option(help="mean: of the image's other samples; greedy: its greedy caption's reward.", rich_help_panel=SCST)] = Baseline(_DEFAULT.scst_baseline),
+    scst_lr: Annotated[float, typer.Option(help="Learning rate of the self-critical phase.", min=0.0, rich_help_panel=SCST)] = _DEFAULT.scst_lr,
     device: Annotated[Device, typer.Option(help="Where to train (auto: cuda when available).", rich_help_panel=RUN)] = Device(_DEFAULT.device),
     precision: Annotated[Precision, typer.Option(help="auto: bf16 on GPUs and AMX CPUs (CPU: encoder only), else fp32.", rich_help_panel=RUN)] = Precision(_DEFAULT.precision),
     seed: Annotated[int, typer.Option(help="Random seed: weights, batches, dropout.", rich_help_panel=RUN)] = _DEFAULT.seed,
@@ -364,6 +376,9 @@ def train(
     save_every: Annotated[float, typer.Option("--save-every", help="Minutes between saves within an epoch (0: at epoch ends only).", min=0.0, rich_help_panel=RUN)] = _DEFAULT.save_every,
 ):
     """Train a captioner; writes best.safetensors, last.safetensors, metrics.jsonl and curves.png to the run folder.
+
+    --scst-after N: cross-entropy for N epochs, then self-critical training (CIDEr-D reward) for the
+    rest; usually from a trained model: --init runs/xe/best.safetensors --scst-after 0.
 
     With --resume only --epochs, --patience, --device, --precision, --workers, --save-every
     and --max-bad-fraction may be given: the run keeps its other settings.
@@ -386,14 +401,15 @@ def train(
             raise CapcliError(f"{output}: already holds a run; continue it with --resume {output}, or choose another -o")
         cfg = TrainConfig(**settings)
         cfg.validate()  # before any data is read or file written
-        summary = _run_training(lambda: training.train(cfg, reporter))
+        given = _given_options(ctx) & _TRAIN_FIELDS
+        summary = _run_training(lambda: training.train(cfg, reporter, given))
         run_dir = output
     if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return  # under torchrun only rank 0 prints the result
-    from capcli.evaluate import SELECTION
+    from capcli.evaluate import CIDER_SELECTION, SELECTION
 
     best = run_dir / "best.safetensors"
-    key, label = next((k, v) for k, v in SELECTION.values() if k == summary.get("selection", "val_bleu4"))
+    key, label = next((k, v) for k, v in (*SELECTION.values(), CIDER_SELECTION) if k == summary.get("selection", "val_bleu4"))
     score = summary.get(key)
     print(f"{best}" + (f"\t{label} {score:.4f} (epoch {summary.get('best_epoch')})" if score is not None else ""))
 

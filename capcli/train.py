@@ -1,4 +1,5 @@
-"""Training: the loop, validation, checkpoints, resume. Teacher-forced cross-entropy on ``Decoder.step``.
+"""Training: the loop, validation, checkpoints, resume. Teacher-forced cross-entropy on ``Decoder.step``,
+then optionally self-critical training (capcli.scst, ``--scst-after N``) on the same step.
 
 Features come from a feature source (capcli.feature_sources): the cache of a frozen encoder (the
 default: every image encoded once, an epoch only runs the decoder) or the encoder itself when it
@@ -22,20 +23,22 @@ from typing import Sequence
 
 import torch
 
-from capcli import checkpoint, distributed
+from capcli import checkpoint, distributed, scst
+from capcli.cider import CiderD
 from capcli.curves import save_curves
 from capcli.datasets import Sample, load_dataset, parse_split_ratios, split_counts
 from capcli.devices import autocast, decoder_precision, encoder_batch, precision_note, resolve_precision
 from capcli.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
-from capcli.evaluate import SELECTION, validation_scores
+from capcli.evaluate import CIDER_SELECTION, SELECTION, validation_scores
 from capcli.feature_cache import build_feature_cache, cache_key
 from capcli.feature_sources import CachedFeatures, CaptionSet, EncodedImages, length_bucketed_batches
 from capcli.files import atomic_write, atomic_write_bytes
 from capcli.model import CaptionModel, ModelConfig, caption_loss
 from capcli.progress import Reporter
-from capcli.sampling import greedy
+from capcli.sampling import DecodeOptions, decode, greedy
 from capcli.signals import defer_sigint, ignore_sigint
+from capcli.tokenizers import DEFAULT_DECODE_LEN
 from capcli.train_config import RESUMABLE, TrainConfig
 from capcli.vocab import PAD, Vocab
 
@@ -51,6 +54,36 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     """The model settings of a run: TrainConfig's fields of the same names (encoder, sizes, dropout...)."""
     shared = {f.name for f in fields(ModelConfig)} & {f.name for f in fields(TrainConfig)}
     return ModelConfig(vocab_size=vocab_size, **{name: getattr(cfg, name) for name in shared})
+
+
+# Model settings a run started with --init takes from the model file (--dropout may still be given:
+# it changes no weight).
+INIT_FIXED = ("encoder", "image_size", "grid", "attention", "rnn", "embed_dim", "attention_dim", "decoder_dim")
+
+
+def init_settings(cfg: TrainConfig, loaded: checkpoint.LoadedModel, explicit: set[str] | None = None) -> dict:
+    """The settings of a run started from the model ``loaded`` (``--init``): its model settings and
+    tokenizer, and its dropout unless --dropout is given. ``explicit``: the options given on the
+    command line (None: those that differ from TrainConfig's defaults); one of them that contradicts
+    the file, or any option about building a vocabulary or encoder weights, is a CapcliError."""
+    if explicit is None:
+        default = TrainConfig()
+        explicit = {f.name for f in fields(TrainConfig) if getattr(cfg, f.name) != getattr(default, f.name)}
+    for name in ("vocab", "min_freq", "encoder_weights"):
+        if getattr(cfg, name) is not None:
+            raise CapcliError(f"--{name.replace('_', '-')} cannot be given with --init: the model file {cfg.init} "
+                              f"brings its own vocabulary and encoder weights")
+    mcfg = loaded.model.cfg
+    settings = {name: getattr(mcfg, name) for name in INIT_FIXED}
+    settings["tokenizer"] = loaded.vocab.tokenizer
+    if "dropout" not in explicit:
+        settings["dropout"] = mcfg.dropout
+    for name, value in settings.items():
+        if name in explicit and getattr(cfg, name) != value:
+            option = "--" + name.replace("_", "-")
+            raise CapcliError(f"{option} {getattr(cfg, name)} contradicts --init {cfg.init} (a model with {option} "
+                              f"{value}); leave {option} out to take the model's")
+    return settings
 
 
 def collate(tokens: Sequence[list[int]], device: torch.device):
@@ -86,9 +119,14 @@ class _TrainNet(torch.nn.Module):
         super().__init__()
         self.encoder, self.decoder = model.encoder, model.decoder
 
-    def forward(self, x: torch.Tensor, padded: torch.Tensor, lengths: list[int], rows: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, padded: torch.Tensor | None = None, lengths: list[int] | None = None,
+                rows: torch.Tensor | None = None, sample: tuple[int, int] | None = None):
+        """Teacher forcing: logits (N, T, V), alphas (N, T, L). With ``sample`` = (K, max_len), one
+        row of x per image: K sampled captions per image (scst.Samples) and the features (B, L, D)."""
         if rows is not None:
             x = self.encoder(x)[rows]  # (N, L, D): once per image, shared by its captions
+        if sample is not None:
+            return scst.sample(self.decoder, x, *sample), x
         return self.decoder(x, padded, lengths)  # (N, T, V), (N, T, L)
 
 
@@ -111,8 +149,9 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, reporter: Reporter | None = None, resume: bool = False,
-                 ctx: DistContext = SINGLE):
+                 ctx: DistContext = SINGLE, explicit: set[str] | None = None):
         self.cfg, self.ctx = cfg, ctx
+        self.explicit = explicit  # the options given on the command line (for --init's checks)
         self.reporter = (reporter or Reporter()) if ctx.is_main else Reporter()
         self.run_dir = Path(cfg.output)
         self.resume = resume
@@ -126,6 +165,15 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         cfg.validate()
         torch.manual_seed(cfg.seed)
+        self.init_model: checkpoint.LoadedModel | None = None  # --init's model, on rank 0 until its weights are in
+        if cfg.init and not self.resume:
+            def read_init() -> dict:
+                self.init_model = checkpoint.load_model(cfg.init)
+                return init_settings(cfg, self.init_model, self.explicit)
+
+            for name, value in distributed.on_main(ctx, read_init).items():
+                setattr(cfg, name, value)
+            cfg.validate()  # e.g. --scst-after with a char model
         self.run_dir.mkdir(parents=True, exist_ok=True)  # every rank: the feature cache lives here
         log.info("%s", precision_note(cfg.precision, self.precision, self.device))
         cfg.precision = self.precision  # the run's config records what ran
@@ -144,9 +192,12 @@ class Trainer:
         def load_weights() -> str:
             if self.resume:
                 loaded = checkpoint.load_model(self.run_dir / "last.safetensors")
-                self.model.load_state_dict(loaded.model.state_dict())
-                return loaded.metadata["encoder_weights"]
-            return self.model.encoder.load_pretrained(cfg.encoder_weights)
+            elif cfg.init:
+                loaded, self.init_model = self.init_model, None
+            else:
+                return self.model.encoder.load_pretrained(cfg.encoder_weights)
+            self.model.load_state_dict(loaded.model.state_dict())
+            return loaded.metadata["encoder_weights"]
 
         # Rank 0 loads, the others receive: other machines need neither the run folder nor the weights file.
         self.weights_source = distributed.on_main(ctx, load_weights)
@@ -171,17 +222,21 @@ class Trainer:
         self.train_set = self._encode_captions(self.train_samples, 0)
         self.val_set = self._encode_captions(self.val_samples, len(self.train_samples))
 
-        groups = [{"params": list(self.model.decoder.parameters()), "lr": cfg.lr}]
-        encoder_params = [p for p in self.model.encoder.parameters() if p.requires_grad]
-        if encoder_params:
-            groups.append({"params": encoder_params, "lr": cfg.encoder_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        # The phase of the next epoch: "xe" (cross-entropy) or "scst"; see _end_epoch for the switch.
+        self.phase = "scst" if cfg.scst_after == 0 else "xe"
+        self.optimizer = self._new_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.decoder_precision == "fp16")
+        self.reward = self._reward() if cfg.scst_after is not None else None
+        if cfg.scst_after is not None and cfg.scst_after >= cfg.epochs:
+            log.warning("--scst-after %d: no self-critical epoch within --epochs %d", cfg.scst_after, cfg.epochs)
+        elif cfg.scst_after == 0 and not cfg.init and not self.resume:
+            log.warning("self-critical training from untrained weights rarely learns: start from a cross-entropy "
+                        "model with --init, or give --scst-after N > 0")
 
         self.epoch = 0  # epochs completed
         self.step_in_epoch = 0
         self.best_score, self.best_epoch, self.bad_epochs = float("-inf"), 0, 0
-        self.epoch_sums = {"nll": 0.0, "words": 0, "captions": 0, "seconds": 0.0}
+        self.epoch_sums = self._new_sums()
         self.history: list[dict] = []  # one record per finished epoch: metrics.jsonl and curves.png
         if self.resume:
             self._restore_state()
@@ -190,7 +245,39 @@ class Trainer:
         self.net: torch.nn.Module = self.train_net
         if ctx.enabled:
             self.net = distributed.wrap_ddp(self.train_net, self.device)
-            distributed.log_batch_plan(ctx, self.device, cfg.batch_size, cfg.lr)
+            distributed.log_batch_plan(ctx, self.device, cfg.batch_size, self.optimizer.param_groups[0]["lr"])
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the decoder (and the fine-tuned encoder blocks), at the learning rates of the phase."""
+        cfg = self.cfg
+        lr, encoder_lr = cfg.lr, cfg.encoder_lr
+        if self.phase == "scst":  # the encoder's rate keeps its ratio to the decoder's
+            lr, encoder_lr = cfg.scst_lr, (cfg.encoder_lr * cfg.scst_lr / cfg.lr if cfg.lr else cfg.scst_lr)
+        groups = [{"params": list(self.model.decoder.parameters()), "lr": lr}]
+        encoder_params = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        if encoder_params:
+            groups.append({"params": encoder_params, "lr": encoder_lr})
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+    @staticmethod
+    def _new_sums() -> dict:
+        """An epoch's running totals: words and NLL (cross-entropy), samples, tokens, reward, entropy (SCST)."""
+        return {"nll": 0.0, "words": 0, "captions": 0, "seconds": 0.0,
+                "reward": 0.0, "entropy": 0.0, "tokens": 0, "reward_seconds": 0.0}
+
+    @property
+    def selection(self) -> tuple[str, str]:
+        """(record key, label) of the score that picks the best epoch: val CIDEr in both phases of a
+        run with self-critical training (one scale from start to end), else the tokenizer's."""
+        return CIDER_SELECTION if self.cfg.scst_after is not None else SELECTION[self.vocab.tokenizer]
+
+    def _reward(self) -> scst.CiderReward:
+        """The SCST reward: CIDEr-D with document frequencies of the train split's references only."""
+        captions = [list(s.captions) for s in self.train_samples]
+        df, images = distributed.on_main(self.ctx, lambda: scst.train_document_frequencies(self.run_dir, captions))
+        log.info("CIDEr-D reward: document frequencies of %d n-grams from the references of the %d train images",
+                 len(df), images)
+        return scst.CiderReward(CiderD(df, images), self.vocab.words, lambda row: self.train_samples[row].captions)
 
     def _again(self) -> str:
         """The command that continues this run."""
@@ -202,8 +289,8 @@ class Trainer:
         cfg, path = self.cfg, self.run_dir / "vocab.json"
         if self.resume:
             return Vocab.load(path)
-        if cfg.vocab:
-            vocab = Vocab.load(cfg.vocab)
+        if cfg.vocab or cfg.init:
+            vocab = self.init_model.vocab if cfg.init else Vocab.load(cfg.vocab)
             if vocab.tokenizer != cfg.tokenizer:
                 raise CapcliError(f"{cfg.vocab}: a {vocab.tokenizer} vocabulary, but --tokenizer is {cfg.tokenizer}")
             if cfg.max_len is not None and cfg.max_len != vocab.max_len:
@@ -261,7 +348,7 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
             "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
             "best_score": self.best_score, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-            "epoch_sums": dict(self.epoch_sums), "history": list(self.history),
+            "phase": self.phase, "epoch_sums": dict(self.epoch_sums), "history": list(self.history),
             "bad_images": {str(k): v for k, v in self.source.bad.items()},
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -282,11 +369,12 @@ class Trainer:
 
     def _restore_state(self) -> None:
         state = distributed.on_main(self.ctx, self._read_state)  # rank 0 reads, every rank restores
-        self.optimizer.load_state_dict(state["optimizer"])  # the learning rates too
+        self.phase = state.get("phase", "xe")
+        self.optimizer.load_state_dict(state["optimizer"])  # the learning rates too, the phase's
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
-        self.epoch_sums = state["epoch_sums"]
+        self.epoch_sums = {**self._new_sums(), **state["epoch_sums"]}
         self.history = list(state.get("history", []))
         self.source.bad.update({int(k): v for k, v in state.get("bad_images", {}).items()})
         torch.set_rng_state(state["rng"])  # under DDP dropout is seeded per step instead
@@ -299,8 +387,8 @@ class Trainer:
         summary = {
             "data": self.cfg.data or self.cfg.captions, "split": self.cfg.split, "split_source": self.split_source,
             "epochs": self.epoch, "best_epoch": self.best_epoch,
-            "selection": SELECTION[self.vocab.tokenizer][0],
-            SELECTION[self.vocab.tokenizer][0]: None if self.best_score == float("-inf") else self.best_score,
+            "selection": self.selection[0],
+            self.selection[0]: None if self.best_score == float("-inf") else self.best_score,
             "train_images": len(self.train_samples), "train_captions": len(self.train_set),
             "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "precision": self.precision,
             "options": {k: v for k, v in self.cfg.to_dict().items() if k not in ("output", "data", "captions", "images")},
@@ -333,7 +421,7 @@ class Trainer:
             if old.name != f"last.state-{cid}.pt":
                 old.unlink(missing_ok=True)
         atomic_write_bytes(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
-        save_curves(self.run_dir / "curves.png", self.history, SELECTION[self.vocab.tokenizer][0] if self.val_samples else "train_loss",
+        save_curves(self.run_dir / "curves.png", self.history, self.selection[0] if self.val_samples else "train_loss",
                     write=atomic_write)
 
     # ---------------------------------------------------------------- loop
@@ -349,10 +437,15 @@ class Trainer:
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
             g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # the same global batches on every rank
-            batches = self.source.batches(self.train_set, cfg.batch_size, g)  # each step takes this rank's slice
+            if self.phase == "scst":  # by image: --batch-size sampled captions, K per image
+                images = sorted(set(self.train_set.image))  # the same on every rank
+                batches = scst.image_batches(images, max(1, cfg.batch_size // cfg.scst_samples), g)
+            else:
+                batches = self.source.batches(self.train_set, cfg.batch_size, g)  # each step takes this rank's slice
+            step = self._scst_step if self.phase == "scst" else self._train_step
             if self.step_in_epoch == 0:
-                torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout: reproducible per epoch
-                self.epoch_sums = {"nll": 0.0, "words": 0, "captions": 0, "seconds": 0.0}
+                torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and sampling: reproducible per epoch
+                self.epoch_sums = self._new_sums()
             self.net.train()
             self.reporter.start(f"epoch {epoch}/{cfg.epochs}", len(batches), unit="batches")
             if self.step_in_epoch:
@@ -364,15 +457,20 @@ class Trainer:
                     if ctx.enabled:
                         torch.manual_seed(_step_seed(cfg.seed, epoch, self.step_in_epoch, ctx.rank))
                     step_before, rng_before = self.step_in_epoch, self._rng_state()
-                    self._train_step(batch)  # also counts the step
+                    step(batch)  # also counts the step
                     if distributed.sync_check_enabled():
                         distributed.check_in_sync(ctx, self.model, f"epoch {epoch} step {self.step_in_epoch}")
                         self.sync_checks += 1
                     self.epoch_sums["seconds"] = seconds_before + time.time() - t_start
                     s = self.epoch_sums
-                    self.reporter.update(1, loss=s["nll"] / max(s["words"], 1),
-                                         ppl=math.exp(min(s["nll"] / max(s["words"], 1), 50)),
-                                         captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
+                    if self.phase == "scst":
+                        self.reporter.update(1, reward=s["reward"] / max(s["captions"], 1),
+                                             entropy=s["entropy"] / max(s["tokens"], 1),
+                                             captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
+                    else:
+                        self.reporter.update(1, loss=s["nll"] / max(s["words"], 1),
+                                             ppl=math.exp(min(s["nll"] / max(s["words"], 1), 50)),
+                                             captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
                     if cfg.save_every and time.time() - last_save > 60 * cfg.save_every:
                         self.save()
                         last_save = time.time()
@@ -429,8 +527,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
         nll = float(distributed.all_reduce_sum(ctx, (nll * weight).reshape(1)))
-        # From here on no more waiting on other processes; Ctrl-C waits for the update and the
-        # step count to agree, so that a checkpoint saved on Ctrl-C resumes exactly.
+        self._update({"nll": nll, "words": total_words, "captions": len(batch)})
+
+    def _update(self, totals: dict) -> None:
+        """The optimizer step after backward; counts the step and adds ``totals`` to the epoch's sums.
+
+        No more waiting on other processes from here on; Ctrl-C waits for the update and the step
+        count to agree, so that a checkpoint saved on Ctrl-C resumes exactly.
+        """
+        cfg = self.cfg
         with defer_sigint():
             if cfg.grad_clip:
                 self.scaler.unscale_(self.optimizer)
@@ -438,14 +543,58 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step_in_epoch += 1
-            self.epoch_sums["nll"] += nll
-            self.epoch_sums["words"] += total_words
-            self.epoch_sums["captions"] += len(batch)
+            for k, v in totals.items():
+                self.epoch_sums[k] += v
+
+    def _scst_step(self, batch: list[int]) -> None:
+        """One self-critical step on global batch ``batch`` of train images (rows of the source):
+        K samples per image, rewarded by CIDEr-D; under DDP this rank samples for its slice.
+
+        The loss is divided by the global batch's token count (one all-reduce before backward: it is
+        known only once the captions are sampled) and scaled by the number of processes, so DDP's
+        average is the global batch's gradient, as in _train_step.
+        """
+        cfg, ctx, K = self.cfg, self.ctx, self.cfg.scst_samples
+        weight = 1.0
+        mine = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
+        inputs = self.source.load(sorted(set(mine)))
+        mine = [i for i in mine if i in inputs.usable]
+        if not mine:  # nothing to train on here: join the all-reduces with a zero-weight image
+            mine, weight = batch[:1], 0.0
+            inputs = self.source.placeholder(batch[0])
+        max_len = min(self.vocab.max_len, DEFAULT_DECODE_LEN["word"])
+        with autocast(self.device, self.decoder_precision):
+            x, rows = inputs.for_captions(mine)  # (B, L, D), or images and the row of each
+            samples, features = self.net(x, rows=rows, sample=(K, max_len))
+        t0 = time.time()
+        rewards = self.reward.of_samples(mine, samples)  # (B*K,)
+        reward_seconds = time.time() - t0  # what CIDEr-D costs, for the benchmark
+        if cfg.scst_baseline == "greedy":
+            self.model.decoder.eval()  # the test-time caption: no dropout
+            with torch.no_grad(), autocast(self.device, self.decoder_precision):
+                hyps = greedy(self.model.decoder, features.detach(), max_len=max_len)
+            self.model.decoder.train()
+            t0 = time.time()
+            baseline = torch.tensor(self.reward(mine, [(h.tokens, h.finished) for h in hyps])).repeat_interleave(K)
+            reward_seconds += time.time() - t0
+        else:
+            baseline = scst.mean_of_others(rewards.view(-1, K)).view(-1)  # (B*K,)
+        n_tokens = int(samples.mask.sum())
+        entropy = float(samples.entropy.sum())
+        totals = torch.tensor([n_tokens, float(rewards.sum()), entropy, rewards.numel()], dtype=torch.float64) * weight
+        totals = distributed.all_reduce_sum(ctx, totals.to(self.device)).tolist()  # (4,) over the global batch
+        loss = scst.loss(samples, (rewards - baseline).to(self.device), total_tokens=totals[0],
+                         scale=ctx.world_size * weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
+        self._update({"tokens": int(totals[0]), "reward": totals[1], "entropy": totals[2], "captions": int(totals[3]),
+                      "reward_seconds": reward_seconds})
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """Validation loss (teacher forced) and the scores of real greedy outputs, no teacher forcing
-        (BLEU-4 for words; exact match and edit similarity for characters and SMILES).
+        """Validation loss (teacher forced) and the scores of real greedy (or --val-beam) outputs, no
+        teacher forcing (BLEU-4 for words, and CIDEr with self-critical training; exact match and
+        edit similarity for characters and SMILES).
 
         Under DDP the ranks share the batches out (whole batches, so each is computed as a single
         process would) and rank 0 scores the gathered captions; the other ranks return {}.
@@ -471,12 +620,13 @@ class Trainer:
         samples = self.train_samples + self.val_samples
         candidates = {}
         chunks = [images[k:k + 128] for k in range(0, len(images), 128)]
+        options = DecodeOptions(beam_size=self.cfg.val_beam, max_len=self.vocab.max_len)
         for chunk in chunks[ctx.rank::ctx.world_size]:
             with autocast(self.device, self.decoder_precision):
                 features, ok = self.source.features(chunk)  # (n, L, D) of the readable images
                 usable = [i for i, good in zip(chunk, ok) if good]
-                hyps = greedy(self.model.decoder, features, max_len=self.vocab.max_len) if usable else []
-            candidates.update({str(i): self.vocab.decode(h.tokens) for i, h in zip(usable, hyps)})
+                hyps = decode(self.model.decoder, features, options) if usable else []  # beam 1: greedy
+            candidates.update({str(i): self.vocab.decode(h[0].tokens) for i, h in zip(usable, hyps)})
         if ctx.enabled:
             parts = distributed.all_gather_object(ctx, (nll_sum, words, candidates))
             if not ctx.is_main:
@@ -487,7 +637,7 @@ class Trainer:
             return {}
         references = {k: list(samples[int(k)].captions) for k in candidates}
         return {"val_loss": nll_sum / max(words, 1), "val_ppl": math.exp(min(nll_sum / max(words, 1), 50)),
-                **validation_scores(references, candidates, self.vocab.tokenizer)}
+                **validation_scores(references, candidates, self.vocab.tokenizer, cider=self.cfg.scst_after is not None)}
 
     def _end_epoch(self, epoch: int) -> bool:
         cfg, s = self.cfg, self.epoch_sums
@@ -496,9 +646,17 @@ class Trainer:
         if self.source.fine_tunes_encoder and self.ctx.enabled:  # each rank found its own unreadable images
             for bad in distributed.all_gather_object(self.ctx, self.source.bad):
                 self.source.bad.update(bad)
-        train_loss = s["nll"] / max(s["words"], 1)
-        key, label = SELECTION[self.vocab.tokenizer]
-        score = val.get(key, -train_loss)
+        phase = self.phase
+        if phase == "scst":
+            reward, entropy = s["reward"] / max(s["captions"], 1), s["entropy"] / max(s["tokens"], 1)
+            train = {"train_reward": reward, "train_entropy": entropy, "reward_seconds": s["reward_seconds"]}
+            fallback = reward  # no val images: the best epoch by the mean train reward
+        else:
+            train_loss = s["nll"] / max(s["words"], 1)
+            train = {"train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50))}
+            fallback = -train_loss
+        key, label = self.selection
+        score = val.get(key, fallback)
         # Rank 0's numbers decide for all: the same best model, learning-rate halving and early stop everywhere.
         val, score = distributed.broadcast_object(self.ctx, (val, score))
         improved = score > self.best_score
@@ -506,22 +664,31 @@ class Trainer:
             self.best_score, self.best_epoch = score, epoch
         self.bad_epochs, halve, stop = plateau_step(improved, self.bad_epochs, cfg.lr_patience, cfg.patience)
         record = {
-            "epoch": epoch, "train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50)), **val,
+            "epoch": epoch, "phase": phase, **train, **val,
             "lr": self.optimizer.param_groups[0]["lr"], "train_seconds": s["seconds"],
             "val_seconds": time.time() - t0, "captions_per_s": s["captions"] / max(s["seconds"], 1e-9),
             "best": improved,
         }
-        if halve:
+        # The cross-entropy phase ends after --scst-after epochs, or earlier when it stops improving.
+        switch = phase == "xe" and cfg.scst_after is not None and (epoch >= cfg.scst_after or stop)
+        if halve and not switch:
             for group in self.optimizer.param_groups:
                 group["lr"] *= 0.5
         self.epoch, self.step_in_epoch = epoch, 0
         self.history.append(record)
+        progress = (f"train reward {reward:.4f}, entropy {entropy:.3f}" if phase == "scst"
+                    else f"train loss {train_loss:.3f}")
         log.info(
-            "epoch %d: train loss %.3f, val loss %s, %s %s%s, %.0f captions/s%s",
-            epoch, train_loss, f"{val['val_loss']:.3f}" if val else "-", label, f"{val[key]:.4f}" if val else "-",
+            "epoch %d: %s, val loss %s, %s %s%s, %.0f captions/s%s",
+            epoch, progress, f"{val['val_loss']:.3f}" if val else "-", label, f"{val[key]:.4f}" if val else "-",
             " (best)" if improved else "", record["captions_per_s"],
-            f"; learning rate halved to {self.optimizer.param_groups[0]['lr']:.3g}" if halve else "",
+            f"; learning rate halved to {self.optimizer.param_groups[0]['lr']:.3g}" if halve and not switch else "",
         )
+        if switch:
+            if stop and epoch < cfg.scst_after:
+                log.info("cross-entropy stopped improving: no better %s for %d epochs", label, cfg.patience)
+            stop = False
+            self._start_scst(epoch, from_best=not improved)
         self.save(best=improved)
         if len(self.source.bad) > self.bad_reported:
             self.bad_reported = len(self.source.bad)
@@ -532,6 +699,22 @@ class Trainer:
         if stop:
             log.info("early stop: no better %s for %d epochs (best %.4f at epoch %d)", label, cfg.patience, self.best_score, self.best_epoch)
         return stop
+
+    def _start_scst(self, epoch: int, from_best: bool) -> None:
+        """Switch to self-critical training: from the best cross-entropy weights (by val CIDEr), with
+        a fresh optimizer at --scst-lr and a fresh count of epochs without gain. Called before the
+        epoch's save, so that a resumed run continues from exactly this state."""
+        if from_best:  # the best epoch is an earlier one: its weights are in best.safetensors
+            def best_weights() -> None:
+                self.model.load_state_dict(checkpoint.load_model(self.run_dir / "best.safetensors").model.state_dict())
+
+            distributed.on_main(self.ctx, best_weights)
+            distributed.broadcast_module(self.ctx, self.model)
+        self.phase, self.bad_epochs = "scst", 0
+        self.optimizer = self._new_optimizer()
+        log.info("self-critical training from epoch %d on (%d samples per image, baseline: %s), starting from the "
+                 "weights of epoch %d (%s %.4f), learning rate %g", epoch + 1, self.cfg.scst_samples,
+                 self.cfg.scst_baseline, self.best_epoch, self.selection[1], self.best_score, self.cfg.scst_lr)
 
 
 def _distributed(fn, run_dir: Path | None = None):
@@ -548,11 +731,12 @@ def _distributed(fn, run_dir: Path | None = None):
     return result
 
 
-def train(cfg: TrainConfig, reporter: Reporter | None = None) -> dict:
+def train(cfg: TrainConfig, reporter: Reporter | None = None, explicit: set[str] | None = None) -> dict:
+    """A new run. ``explicit``: the settings given on the command line (see init_settings)."""
     cfg.validate()
 
     def run(ctx: DistContext) -> dict:
-        trainer = Trainer(cfg, reporter, ctx=ctx)
+        trainer = Trainer(cfg, reporter, ctx=ctx, explicit=explicit)
         trainer.setup()
         return trainer.run()
 

@@ -12,6 +12,8 @@ from capcli.choices import check_names
 from capcli.errors import CapcliError
 from capcli.tokenizers import TOKENIZERS
 
+SCST_BASELINES = ("mean", "greedy")  # capcli.scst's (named here: this module imports no torch)
+
 
 @dataclass
 class TrainConfig:
@@ -47,8 +49,15 @@ class TrainConfig:
     label_smoothing: float = 0.0
     fine_tune_encoder: bool = False
     encoder_lr: float = 1e-4
-    patience: int = 5  # early stop after this many epochs without a better val BLEU-4
+    patience: int = 5  # early stop after this many epochs without a better val BLEU-4 (val CIDEr with SCST)
     lr_patience: int = 2  # halve the learning rate after every this many of them (0: never)
+    val_beam: int = 1  # validation captions: 1 greedy, K beam search
+    init: str | None = None  # start from this model file's weights and vocabulary (and model settings)
+    # self-critical training (capcli.scst)
+    scst_after: int | None = None  # cross-entropy epochs before it starts; None: never
+    scst_samples: int = 5  # K captions sampled per image
+    scst_baseline: str = "mean"  # mean: of the image's other samples; greedy: its greedy caption's reward
+    scst_lr: float = 5e-5  # the learning rate of the self-critical phase
     # running
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (GPU); config.json records the one that ran
@@ -63,6 +72,17 @@ class TrainConfig:
             raise CapcliError(f"unknown tokenizer {self.tokenizer!r} (choose {', '.join(TOKENIZERS)})")
         if self.data is None and self.captions is None:
             raise CapcliError("give the data: --data DIR, or --captions FILE --images DIR")
+        if self.val_beam < 1:
+            raise CapcliError("--val-beam must be at least 1")
+        if self.scst_baseline not in SCST_BASELINES:
+            raise CapcliError(f"unknown --scst-baseline {self.scst_baseline!r} (choose {', '.join(SCST_BASELINES)})")
+        if self.scst_after is not None:
+            if self.tokenizer != "word":
+                raise CapcliError(f"--scst-after needs a word model: self-critical training rewards captions by "
+                                  f"CIDEr, and this run's tokenizer is {self.tokenizer}")
+            if self.scst_samples < (2 if self.scst_baseline == "mean" else 1):
+                raise CapcliError("--scst-samples must be at least 2 with --scst-baseline mean (the baseline is "
+                                  "the mean of the other samples)")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -208,7 +208,7 @@ def test_max_len_applies_with_a_given_vocabulary(tmp_path, shapes_dir):
     out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--epochs", "1", "--vocab", str(vocab),
                   "--max-len", "3", *BASE)
     assert json.loads((run / "vocab.json").read_text())["max_len"] == 3
-    assert "captions longer than 3 words" in out
+    assert "captions longer than 3 tokens" in out
     assert checkpoint.load_model(run / "last.safetensors").training["train_captions"] < 5 * 48 * 0.8
 
 
