@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import torch
 
 from capcli import checkpoint
+from capcli.chem_metrics import rdkit_available, valid_first
 from capcli.devices import autocast, encoder_batch, resolve_device, resolve_precision
 from capcli.errors import CapcliError
 from capcli.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
@@ -125,9 +126,15 @@ class Captioner:
 
     @torch.inference_mode()
     def decode(self, features: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
+        """features (B, L, D) -> per image, ``options.nbest`` hypotheses, best first. For a SMILES
+        model with RDKit installed, a beam's valid molecules rank before strings RDKit cannot read."""
         if options.max_len is None:
             options = replace(options, max_len=DEFAULT_DECODE_LEN[self.vocab.tokenizer])
-        return decode(self.model.decoder, features, options)
+        if self.vocab.tokenizer != "smiles" or options.beam_size == 1 or not rdkit_available():
+            return decode(self.model.decoder, features, options)
+        beams = decode(self.model.decoder, features, replace(options, nbest=options.beam_size))
+        ranked = [[hyps[i] for i in valid_first([self.vocab.decode(h.tokens) for h in hyps])] for hyps in beams]
+        return [hyps[:options.nbest] for hyps in ranked]
 
     def _result(self, path: str | None, hyps: list[Hypothesis]) -> CaptionResult:
         h, w = self.grid

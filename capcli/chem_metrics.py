@@ -7,11 +7,13 @@ molecule written differently match once both are put in RDKit's canonical form.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Mapping, Sequence
 
 CHEM_METRICS = ("valid", "canonical match", "canonical match (no stereo)", "tanimoto")
 
 
+@functools.cache
 def rdkit_available() -> bool:
     try:
         import rdkit  # noqa: F401
@@ -36,6 +38,14 @@ def _molecule(smiles: str):
     from rdkit import Chem
 
     return Chem.MolFromSmiles(smiles) if smiles.strip() else None
+
+
+def valid_first(candidates: Sequence[str]) -> list[int]:
+    """Indices of ``candidates`` (a beam's outputs, best first) with the SMILES RDKit can read first,
+    each group in its own order: a reader should answer with a molecule when its beam holds one."""
+    with _rdkit_quiet():
+        valid = [_molecule(c) is not None for c in candidates]
+    return sorted(range(len(candidates)), key=lambda i: not valid[i])
 
 
 def chem_scores(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str]) -> dict[str, float]:

@@ -70,3 +70,36 @@ def test_chemistry_metrics_by_hand():
     wrong = DataStructs.TanimotoSimilarity(fp("CCO"), fp("CCN"))
     assert 0 < wrong < 1
     assert scores["tanimoto"] == pytest.approx((1 + 1 + stereo + wrong + 0) / 5)
+
+
+@pytest.mark.skipif(not rdkit_available(), reason="needs RDKit (pip install 'capcli[chem]')")
+def test_valid_first_keeps_beam_order_within_valid_and_invalid():
+    from capcli.chem_metrics import valid_first
+
+    assert valid_first(["C1CC(", "CCO", "C((", "c1ccccc1"]) == [1, 3, 0, 2]
+    assert valid_first(["CCO", "CCN"]) == [0, 1]
+    assert valid_first([]) == []
+
+
+@pytest.mark.skipif(not rdkit_available(), reason="needs RDKit (pip install 'capcli[chem]')")
+def test_a_smiles_beam_answers_with_a_molecule(monkeypatch):
+    """The Captioner ranks a SMILES beam's readable molecules first; word models are left alone."""
+    import torch
+
+    from capcli.api import Captioner
+    from capcli.sampling import DecodeOptions, Hypothesis
+    from capcli.vocab import Vocab
+
+    vocab = Vocab.build(["C1CC(", "CCO"], tokenizer="smiles")
+    ids = lambda s: [vocab.index[t] for t in vocab.tokenize(s)]  # noqa: E731
+    beam = [Hypothesis(ids("C1CC("), -1.0, -0.2, torch.zeros(5, 4), True),
+            Hypothesis(ids("CCO"), -2.0, -0.5, torch.zeros(3, 4), True)]
+    monkeypatch.setattr("capcli.api.decode", lambda decoder, features, options: [beam[:options.nbest]])
+    captioner = Captioner.__new__(Captioner)
+    captioner.vocab, captioner.model = vocab, type("M", (), {"decoder": None})()
+    best = captioner.decode(torch.zeros(1, 4, 8), DecodeOptions(beam_size=2))
+    assert [vocab.decode(h.tokens) for h in best[0]] == ["CCO"]
+    both = captioner.decode(torch.zeros(1, 4, 8), DecodeOptions(beam_size=2, nbest=2))
+    assert [vocab.decode(h.tokens) for h in both[0]] == ["CCO", "C1CC("]
+    vocab.tokenizer = "char"  # other models keep the beam's own order
+    assert [vocab.decode(h.tokens) for h in captioner.decode(torch.zeros(1, 4, 8), DecodeOptions(beam_size=2))[0]] == ["C1CC("]

@@ -12,6 +12,6 @@ RUN=${3:-runs/smiles-model}
 # x 2; val and test molecules (5% each, by a hash of the SMILES) drawn once, RDKit's default at 300 px.
 python examples/molecules/make_dataset.py "$SMILES" "$DATA" --variants 2 --brics 3000
 capcli train --data "$DATA" -o "$RUN" --tokenizer smiles --image-size 384 --device cpu --precision fp32 --seed 0 \
-    --epochs EPOCHS --batch-size 64 --lr 1e-3 --patience 6 --lr-patience 2
+    --epochs 18 --batch-size 64 --lr 1e-3 --patience 6 --lr-patience 2
 # Ship the best epoch (by val edit similarity) in fp16.
 python weights/to_fp16.py "$RUN/best.safetensors" weights/capcli-lite0-smiles.safetensors
