@@ -406,12 +406,12 @@ def train(
         run_dir = output
     if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return  # under torchrun only rank 0 prints the result
-    from capcli.evaluate import CIDER_SELECTION, SELECTION
+    from capcli.curves import METRIC_LABELS
 
     best = run_dir / "best.safetensors"
-    key, label = next((k, v) for k, v in (*SELECTION.values(), CIDER_SELECTION) if k == summary.get("selection", "val_bleu4"))
+    key = summary.get("selection", "val_bleu4")
     score = summary.get(key)
-    print(f"{best}" + (f"\t{label} {score:.4f} (epoch {summary.get('best_epoch')})" if score is not None else ""))
+    print(f"{best}" + (f"\t{METRIC_LABELS[key]} {score:.4f} (epoch {summary.get('best_epoch')})" if score is not None else ""))
 
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -124,12 +124,11 @@ def score_predictions(
     return scores, notes
 
 
-# The validation score that picks a run's best epoch, by tokenizer: (record key, label). Exact match
-# stays near 0 for the first epochs of a SMILES model; edit similarity shows progress from the start.
-SELECTION = {"word": ("val_bleu4", "val BLEU-4"), "char": ("val_edit_similarity", "val edit similarity"),
-             "smiles": ("val_edit_similarity", "val edit similarity")}
+# The validation score (record key) that picks a run's best epoch, by tokenizer; labels: curves.METRIC_LABELS.
+# Exact match stays near 0 for the first epochs of a SMILES model; edit similarity shows progress from the start.
+SELECTION = {"word": "val_bleu4", "char": "val_edit_similarity", "smiles": "val_edit_similarity"}
 # A run with self-critical training (capcli.scst) picks its best epoch by val CIDEr, in both phases.
-CIDER_SELECTION = ("val_cider", "val CIDEr")
+CIDER_SELECTION = "val_cider"
 
 
 def validation_scores(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str], kind: str,

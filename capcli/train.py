@@ -25,7 +25,7 @@ import torch
 
 from capcli import checkpoint, distributed, scst
 from capcli.cider import CiderD
-from capcli.curves import save_curves
+from capcli.curves import METRIC_LABELS, save_curves
 from capcli.datasets import Sample, load_dataset, parse_split_ratios, split_counts
 from capcli.devices import autocast, decoder_precision, encoder_batch, precision_note, resolve_precision
 from capcli.distributed import SINGLE, DistContext
@@ -269,7 +269,8 @@ class Trainer:
     def selection(self) -> tuple[str, str]:
         """(record key, label) of the score that picks the best epoch: val CIDEr in both phases of a
         run with self-critical training (one scale from start to end), else the tokenizer's."""
-        return CIDER_SELECTION if self.cfg.scst_after is not None else SELECTION[self.vocab.tokenizer]
+        key = CIDER_SELECTION if self.cfg.scst_after is not None else SELECTION[self.vocab.tokenizer]
+        return key, METRIC_LABELS[key]
 
     def _reward(self) -> scst.CiderReward:
         """The SCST reward: CIDEr-D with document frequencies of the train split's references only."""
