@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import time
 from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import List, Optional
@@ -72,6 +73,7 @@ app = typer.Typer(
 
 log = logging.getLogger("capcli")
 _debug = False
+_quiet = False
 
 
 class Format(str, Enum):
@@ -139,6 +141,7 @@ class RichReporter(Reporter):
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
             console=Console(stderr=True), transient=False,
+            redirect_stdout=False,  # results go to stdout as they are made, never into the bar's stderr
         )
         self.progress.start()
         self.task = self.progress.add_task(description, total=total, info="")
@@ -236,8 +239,8 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr. Both flags may also follow the command.")] = False,
 ):
-    global _debug
-    _debug = debug
+    global _debug, _quiet
+    _debug, _quiet = debug, quiet
     _setup_logging(quiet)
     keep_freed_memory()
 
@@ -440,63 +443,134 @@ DeviceOpt = Annotated[Device, typer.Option(help="Where to run; auto: cuda when a
 PrecisionOpt = Annotated[Precision, typer.Option(help="Encoder precision; auto: bf16 on GPUs and AMX CPUs, else fp32.", rich_help_panel=MODEL)]
 MaxLenOpt = Annotated[Optional[int], typer.Option(help="Longest output, in tokens (default: 30 words, 150 characters, 100 SMILES tokens).", min=1, show_default=False, rich_help_panel=DECODING)]
 PenaltyOpt = Annotated[float, typer.Option(help="Rank by log-prob / length ** PENALTY.", rich_help_panel=DECODING)]
-FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="text: captions; tsv: path<TAB>caption; jsonl: all details.", rich_help_panel=OUTPUT)]
+FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="text: captions; tsv: path<TAB>caption; jsonl: all details. Default: from -o's extension (.tsv, .jsonl), else text.", show_default=False, rich_help_panel=OUTPUT)]
 AttnDirOpt = Annotated[Optional[Path], typer.Option(help="Write an attention picture (PNG) per image here.", rich_help_panel=OUTPUT)]
+OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results to this file instead of stdout, flushed as they come. An existing file is refused unless --resume.", show_default=False, rich_help_panel=OUTPUT)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Keep the results already in -o FILE (tsv/jsonl), skip their images, append the rest.", rich_help_panel=OUTPUT)]
+SidecarOpt = Annotated[Optional[str], typer.Option("--sidecar", help="Write each caption to a file beside its image with this extension (photo.jpg -> photo.txt for .txt). Stdout stays empty unless --format is given.", show_default=False, rich_help_panel=OUTPUT)]
+SidecarDirOpt = Annotated[Optional[Path], typer.Option("--sidecar-dir", help="Write the sidecars under this folder, mirroring the tree below each input folder (extension: --sidecar, default .txt).", show_default=False, rich_help_panel=OUTPUT)]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing sidecars (else their images are skipped unread).", rich_help_panel=OUTPUT)]
+ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="I/N: caption only share I (from 0) of N of the sorted inputs, for independent jobs (SLURM arrays, GNU parallel); -o FILE becomes FILE's part I. Under torchrun the shares are automatic.", show_default=False, rich_help_panel=INPUT)]
 BatchOpt = Annotated[int, typer.Option(help="Images per batch.", min=1, rich_help_panel=PERFORMANCE)]
 WorkersOpt = Annotated[int, typer.Option(help="Image-decoding threads.", min=1, rich_help_panel=PERFORMANCE)]
 MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse images with more pixels (width x height); 0: no limit.", min=0, rich_help_panel=PERFORMANCE)]
 
 
-def _caption_command(paths, model, device, precision, batch_size, fmt, options, attention_dir, workers, max_pixels):
+@dataclasses.dataclass
+class CollectionOptions:
+    """Where caption/beam results go and which images a process takes (see capcli.collection)."""
+
+    fmt: Optional[Format] = None  # None: from -o's extension, else text
+    output: Optional[Path] = None
+    resume: bool = False
+    sidecar: Optional[str] = None
+    sidecar_dir: Optional[Path] = None
+    overwrite: bool = False
+    shard: Optional[str] = None
+
+
+def _caption_command(paths, model, device, precision, batch_size, options, attention_dir, workers, max_pixels,
+                     out: CollectionOptions):
+    from capcli import collection, distributed
     from capcli.api import Captioner
     from capcli.images import expand_paths
 
+    started = time.time()
+    fmt = collection.output_format(out.fmt.value if out.fmt else None, out.output)
+    if out.resume and out.output is None:
+        raise CapcliError("--resume continues an -o FILE: give the file")
+    if out.resume and fmt == "text":
+        raise CapcliError(collection.TEXT_CANNOT_RESUME)
+    if out.sidecar_dir is not None and out.sidecar is None:
+        out.sidecar = ".txt"
     if not paths:
         if sys.stdin.isatty():
             raise CapcliError("give image paths, folders, or - to read paths from stdin (see --help)")
         paths = ["-"]
-    captioner = Captioner.load(model, device.value, precision.value)
+    sidecars = None if out.sidecar is None else collection.Sidecars(
+        out.sidecar, out.sidecar_dir, [p for p in paths if os.path.isdir(p)], out.overwrite, started)
+    ctx = distributed.setup()  # torchrun: one share per process; alone: no-op
+    if ctx.enabled and out.output is not None and out.output.exists() and not out.resume:
+        raise CapcliError(f"{out.output} already exists: add --resume to skip the images in it and append the rest, "
+                          f"or choose another -o")
+    if ctx.enabled and out.shard is not None:
+        raise CapcliError("--shard is for independent jobs; under torchrun each process takes its share already")
+    index, count = collection.parse_shard(out.shard) if out.shard else (ctx.rank, ctx.world_size)
+    if ctx.enabled and out.output is None and sidecars is None:
+        raise CapcliError("under torchrun give -o FILE (each process writes a part, merged in order at the end) "
+                          "or --sidecar: the processes cannot share stdout")
+    to_stdout = out.output is None and (sidecars is None or out.fmt is not None)
+
+    # A folder is listed first (its total drives the progress bar, and shares need it); stdin streams.
+    listed = count > 1 or "-" not in paths
+    items = list(expand_paths(paths)) if listed else expand_paths(paths)
+    found = len(items) if listed else None
+    if listed:
+        items = collection.share(items, index, count, batch_size)
+    target = out.output if count == 1 or out.output is None else collection.part_path(out.output, index, count)
+    results_file = None if target is None else collection.ResultFile(target, fmt, out.resume)
+    done = set(results_file.done) if results_file else set()
+    if ctx.enabled and out.resume and out.output.exists():
+        done |= collection.read_done(out.output, fmt)  # merged by an earlier run
+    skipped = [0]
+    todo = collection.skip_done(items, done, sidecars, skipped)
+
+    captioner = Captioner.load(model, str(distributed.training_device(ctx, device.value)), precision.value)
     if attention_dir is not None:
         attention_dir.mkdir(parents=True, exist_ok=True)
-    failed = total = 0
+    reporter = RichReporter() if ctx.is_main and not _quiet else Reporter()
+    reporter.start("captioning", len(items) if listed else None, "images")
+    failed = total = written = kept = shown_skipped = 0
     names_used: set[str] = set()
-    results = captioner.caption_stream(expand_paths(paths), options, batch_size, workers, max_pixels=max_pixels)
-    for r in results:
-        total += 1
-        if not r.ok:
-            failed += 1
-            sys.stderr.write(f"capcli: {r.path}: {r.error}\n")
-        _print_result(r, fmt)
-        if attention_dir is not None and r.ok:
-            _write_attention(attention_dir, r, names_used, max_pixels)
-    if total == 0:
+    tick = time.perf_counter()
+    try:
+        for r in captioner.caption_stream(todo, options, batch_size, workers, max_pixels=max_pixels):
+            total += 1
+            if r.ok and sidecars is not None:
+                try:
+                    text = json.dumps(collection.result_json(r), ensure_ascii=False) if fmt == "jsonl" else r.caption
+                    if sidecars.write(r.path, text):
+                        written += 1
+                    else:
+                        kept += 1
+                except (CapcliError, OSError) as e:
+                    r.error = e.message if isinstance(e, CapcliError) else f"cannot write its sidecar: {e.strerror or e}"
+            if not r.ok:
+                failed += 1
+                sys.stderr.write(f"capcli: {r.path}: {r.error}\n")
+            line = collection.result_line(r, fmt)
+            if line is not None and results_file is not None:
+                results_file.write(line)
+            elif line is not None and to_stdout:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()  # a pipe is block-buffered: without this `| head -1` waits for ~170 lines
+            if attention_dir is not None and r.ok:
+                _write_attention(attention_dir, r, names_used, max_pixels)
+            reporter.update(advance=1 + skipped[0] - shown_skipped, failed=failed,
+                            images_per_s=total / max(time.perf_counter() - tick, 1e-9))
+            shown_skipped = skipped[0]
+    finally:
+        reporter.update(advance=skipped[0] - shown_skipped)
+        reporter.stop()
+        if results_file is not None:
+            results_file.close()
+    skipped_total = skipped[0]
+    counts = distributed.all_gather_object(ctx, (total, failed, written, kept, skipped_total))
+    total, failed, written, kept, skipped_total = (sum(c[k] for c in counts) for k in range(5))
+    if ctx.enabled and out.output is not None and ctx.is_main:
+        parts = [collection.part_path(out.output, r, count) for r in range(count)]
+        lines = collection.merge_parts(out.output, parts, fmt)
+        log.info("merged the results of %d processes into %s (%d lines)", count, out.output, lines)
+    if sidecars is not None:
+        log.info("sidecars: %d written, %d skipped (already there), %d failed", written,
+                 skipped_total + kept, failed)
+    elif out.resume and skipped_total:
+        log.info("%d images were already done (in %s); %d captioned now", skipped_total, out.output, total)
+    if found == 0 or (found is None and total == 0 and skipped_total == 0):
         raise CapcliError("no images found in " + " ".join(paths), exit_code=1)
     if failed:
-        log.warning("%d of %d images could not be read", failed, total)
+        log.warning("%d of %d images could not be read%s", failed, total, " or their sidecars written" * (sidecars is not None))
         raise typer.Exit(1)
-
-
-def _print_result(r, fmt: Format) -> None:
-    if fmt == Format.text:
-        line = r.caption if r.ok else ""  # an empty line keeps the output aligned with the input
-    elif fmt == Format.tsv:
-        if not r.ok:
-            return
-        line = f"{r.path}\t{r.caption}"
-    elif not r.ok:
-        line = json.dumps({"path": r.path, "error": r.error}, ensure_ascii=False)
-    else:
-        obj = {"path": r.path, "caption": r.caption, "tokens": r.tokens, "score": _num(r.score), "logprob": _num(r.logprob)}
-        if r.alternatives:
-            obj["alternatives"] = [{"caption": a.caption, "tokens": a.tokens, "score": _num(a.score), "logprob": _num(a.logprob)}
-                                   for a in r.alternatives]
-        line = json.dumps(obj, ensure_ascii=False)
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()  # a pipe is block-buffered: without this `| head -1` waits for ~170 lines
-
-
-def _num(x: float):
-    return round(x, 5) if math.isfinite(x) else None
 
 
 def _picture_name(path: str, used: set[str]) -> str:
@@ -534,17 +608,25 @@ def caption(
     precision: PrecisionOpt = Precision.auto,
     max_len: MaxLenOpt = None,
     length_penalty: PenaltyOpt = 1.0,
-    format: FormatOpt = Format.text,
+    format: FormatOpt = None,
+    output: OutputOpt = None,
+    resume: ResumeOpt = False,
+    sidecar: SidecarOpt = None,
+    sidecar_dir: SidecarDirOpt = None,
+    overwrite: OverwriteOpt = False,
     attention_dir: AttnDirOpt = None,
+    shard: ShardOpt = None,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
     max_image_pixels: MaxPixelsOpt = MAX_IMAGE_PIXELS,
 ):
-    """Caption images with greedy decoding (fast). Example: capcli caption photos/ --format tsv"""
+    """Caption images with greedy decoding (fast). Examples: capcli caption photos/ --format tsv;
+    capcli caption photos/ --sidecar .txt (photo.jpg -> photo.txt); capcli caption photos/ -o out.jsonl --resume"""
     from capcli.sampling import DecodeOptions
 
     options = DecodeOptions(beam_size=1, max_len=max_len, length_penalty=length_penalty)
-    _caption_command(paths, model, device, precision, batch_size, format, options, attention_dir, workers, max_image_pixels)
+    out = CollectionOptions(format, output, resume, sidecar, sidecar_dir, overwrite, shard)
+    _caption_command(paths, model, device, precision, batch_size, options, attention_dir, workers, max_image_pixels, out)
 
 
 @app.command()
@@ -558,22 +640,28 @@ def beam(
     nbest: Annotated[int, typer.Option(help="Captions per image to report (jsonl 'alternatives').", min=1, rich_help_panel=DECODING)] = 1,
     max_len: MaxLenOpt = None,
     length_penalty: PenaltyOpt = 1.0,
-    format: FormatOpt = Format.text,
+    format: FormatOpt = None,
+    output: OutputOpt = None,
+    resume: ResumeOpt = False,
+    sidecar: SidecarOpt = None,
+    sidecar_dir: SidecarDirOpt = None,
+    overwrite: OverwriteOpt = False,
     attention_dir: AttnDirOpt = None,
+    shard: ShardOpt = None,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = 2,
     max_image_pixels: MaxPixelsOpt = MAX_IMAGE_PIXELS,
 ):
-    """Caption images with beam search, many images decoded together. Example: capcli beam -k 5 photo.jpg"""
+    """Caption images with beam search, many images decoded together. Examples: capcli beam -k 5 photo.jpg;
+    torchrun --nproc-per-node 8 -m capcli beam photos/ -o out.jsonl (one share per GPU, merged in order)"""
     if nbest > beam_size:
         raise CapcliError(f"--nbest {nbest} is larger than --beam-size {beam_size}")
     from capcli.sampling import DecodeOptions
 
     options = DecodeOptions(beam_size=beam_size, nbest=nbest, max_len=max_len, length_penalty=length_penalty)
-    _caption_command(paths, model, device, precision, batch_size, format, options, attention_dir, workers, max_image_pixels)
+    out = CollectionOptions(format, output, resume, sidecar, sidecar_dir, overwrite, shard)
+    _caption_command(paths, model, device, precision, batch_size, options, attention_dir, workers, max_image_pixels, out)
 
-
-# --------------------------------------------------------------------------- evaluate
 
 class SplitName(str, Enum):
     test = "test"

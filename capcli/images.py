@@ -7,6 +7,7 @@ Loader threads only decode and resize with Pillow; normalising happens per batch
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import struct
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from capcli import __version__
+
+log = logging.getLogger("capcli")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -256,8 +259,9 @@ def expand_paths(inputs: Iterable[str]) -> Iterator[Path | str]:
     URLs (https://...) are yielded as they are, strings.
 
     Explicit files are yielded whatever their suffix (they may fail to load later, and are then
-    reported); inside directories only files with image suffixes are taken. Symbolic links are
-    followed, each real directory visited once, so a link loop ends.
+    reported), as Paths; inside directories only files with image suffixes are taken, as strings
+    (see walk_images). Symbolic links are followed, each real directory visited once, so a link
+    loop ends.
     """
     import sys
 
@@ -273,24 +277,44 @@ def expand_paths(inputs: Iterable[str]) -> Iterator[Path | str]:
             continue
         path = Path(item)
         if path.is_dir():
-            yield from _walk_images(path)
+            yield from walk_images(path)
         else:
             yield path
 
 
-def _walk_images(root: Path) -> list[Path]:
-    found: list[Path] = []
+def walk_images(root: Path) -> Iterator[str]:
+    """The image files under ``root`` as path strings, in the order ``sorted()`` of their Paths
+    would give, found as the walk goes: a folder's entries sorted by name, a subfolder's files
+    where its name sorts. Nothing is held but the folders on the way down, so listing a folder of
+    10^6 files into a list costs the strings and no more."""
     visited: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in visited:
-            dirnames[:] = []
-            continue
+
+    def walk(directory: str) -> Iterator[str]:
+        real = os.path.realpath(directory)
+        if real in visited:  # a symbolic link back up the tree
+            return
         visited.add(real)
-        for name in filenames:
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                found.append(Path(dirpath) / name)
-    return sorted(found)
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted((e.name, _is_dir(e)) for e in it)
+        except OSError as e:
+            log.warning("%s: cannot list (%s); skipped", directory, e.strerror or e)
+            return
+        for name, is_dir in entries:
+            path = os.path.join(directory, name)
+            if is_dir:
+                yield from walk(path)
+            elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                yield path
+
+    yield from walk(str(root))
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symbolic link that loops: a file that will fail to load, and say why
+        return False
 
 
 def image_batches(

@@ -305,7 +305,7 @@ def test_folder_walk_ends_on_symlink_loops(tmp_path):
     os.symlink("..", d / "sub" / "up")  # a folder loop: sub/up/sub/up/...
     os.symlink("self.jpg", d / "self.jpg")  # a file loop
     found = list(expand_paths([str(d)]))
-    assert sorted(p.name for p in found) == ["a.png", "b.jpg", "self.jpg"]
+    assert sorted(Path(p).name for p in found) == ["a.png", "b.jpg", "self.jpg"]
     assert found == sorted(found)
 
 
