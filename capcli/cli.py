@@ -490,15 +490,18 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
     sidecars = None if out.sidecar is None else collection.Sidecars(
         out.sidecar, out.sidecar_dir, [p for p in paths if os.path.isdir(p)], out.overwrite, started)
     ctx = distributed.setup()  # torchrun: one share per process; alone: no-op
-    if ctx.enabled and out.output is not None and out.output.exists() and not out.resume:
-        raise CapcliError(f"{out.output} already exists: add --resume to skip the images in it and append the rest, "
-                          f"or choose another -o")
     if ctx.enabled and out.shard is not None:
         raise CapcliError("--shard is for independent jobs; under torchrun each process takes its share already")
     index, count = collection.parse_shard(out.shard) if out.shard else (ctx.rank, ctx.world_size)
+    if ctx.enabled and "-" in paths:
+        raise CapcliError("under torchrun give folders or files: the processes cannot share stdin "
+                          "(or split a list with --shard I/N, one job per share)")
     if ctx.enabled and out.output is None and sidecars is None:
         raise CapcliError("under torchrun give -o FILE (each process writes a part, merged in order at the end) "
                           "or --sidecar: the processes cannot share stdout")
+    if ctx.enabled and out.output is not None and out.output.exists() and not out.resume:
+        raise CapcliError(f"{out.output} already exists: add --resume to skip the images in it and append the rest, "
+                          f"or choose another -o")
     to_stdout = out.output is None and (sidecars is None or out.fmt is not None)
 
     # A folder is listed first (its total drives the progress bar, and shares need it); stdin streams.
@@ -507,69 +510,49 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
     found = len(items) if listed else None
     if listed:
         items = collection.share(items, index, count, batch_size)
-    target = out.output if count == 1 or out.output is None else collection.part_path(out.output, index, count)
-    results_file = None if target is None else collection.ResultFile(target, fmt, out.resume)
-    done = set(results_file.done) if results_file else set()
-    if ctx.enabled and out.resume and out.output.exists():
-        done |= collection.read_done(out.output, fmt)  # merged by an earlier run
-    skipped = [0]
-    todo = collection.skip_done(items, done, sidecars, skipped)
+    also_done = collection.read_done(out.output, fmt) if ctx.enabled and out.resume and out.output.exists() else None
+    destination = collection.Destination(fmt, out.output, out.resume, sidecars, index, count, also_done)
+    todo = destination.todo(items)
 
     captioner = Captioner.load(model, str(distributed.training_device(ctx, device.value)), precision.value)
     if attention_dir is not None:
         attention_dir.mkdir(parents=True, exist_ok=True)
     reporter = RichReporter() if ctx.is_main and not _quiet else Reporter()
     reporter.start("captioning", len(items) if listed else None, "images")
-    failed = total = written = kept = shown_skipped = 0
+    counts, shown = destination.counts, 0
     names_used: set[str] = set()
     tick = time.perf_counter()
     try:
         for r in captioner.caption_stream(todo, options, batch_size, workers, max_pixels=max_pixels):
-            total += 1
-            if r.ok and sidecars is not None:
-                try:
-                    text = json.dumps(collection.result_json(r), ensure_ascii=False) if fmt == "jsonl" else r.caption
-                    if sidecars.write(r.path, text):
-                        written += 1
-                    else:
-                        kept += 1
-                except (CapcliError, OSError) as e:
-                    r.error = e.message if isinstance(e, CapcliError) else f"cannot write its sidecar: {e.strerror or e}"
+            line = destination.put(r)
             if not r.ok:
-                failed += 1
                 sys.stderr.write(f"capcli: {r.path}: {r.error}\n")
-            line = collection.result_line(r, fmt)
-            if line is not None and results_file is not None:
-                results_file.write(line)
-            elif line is not None and to_stdout:
+            if line is not None and to_stdout:
                 sys.stdout.write(line + "\n")
                 sys.stdout.flush()  # a pipe is block-buffered: without this `| head -1` waits for ~170 lines
             if attention_dir is not None and r.ok:
                 _write_attention(attention_dir, r, names_used, max_pixels)
-            reporter.update(advance=1 + skipped[0] - shown_skipped, failed=failed,
-                            images_per_s=total / max(time.perf_counter() - tick, 1e-9))
-            shown_skipped = skipped[0]
+            reporter.update(advance=counts.captioned + counts.skipped - shown, failed=counts.failed,
+                            images_per_s=counts.captioned / max(time.perf_counter() - tick, 1e-9))
+            shown = counts.captioned + counts.skipped
     finally:
-        reporter.update(advance=skipped[0] - shown_skipped)
+        reporter.update(advance=counts.captioned + counts.skipped - shown)
         reporter.stop()
-        if results_file is not None:
-            results_file.close()
-    skipped_total = skipped[0]
-    counts = distributed.all_gather_object(ctx, (total, failed, written, kept, skipped_total))
-    total, failed, written, kept, skipped_total = (sum(c[k] for c in counts) for k in range(5))
+        destination.close()
+    counts = sum(distributed.all_gather_object(ctx, counts), collection.Counts())  # every process's
     if ctx.enabled and out.output is not None and ctx.is_main:
         parts = [collection.part_path(out.output, r, count) for r in range(count)]
         lines = collection.merge_parts(out.output, parts, fmt)
         log.info("merged the results of %d processes into %s (%d lines)", count, out.output, lines)
     if sidecars is not None:
-        log.info("sidecars: %d written, %d skipped (already there), %d failed", written,
-                 skipped_total + kept, failed)
-    elif out.resume and skipped_total:
-        log.info("%d images were already done (in %s); %d captioned now", skipped_total, out.output, total)
-    if found == 0 or (found is None and total == 0 and skipped_total == 0):
+        log.info("sidecars: %d written, %d skipped (already there), %d failed", counts.written, counts.skipped, counts.failed)
+    elif out.resume and counts.skipped:
+        log.info("%d images were already done (in %s); %d captioned now", counts.skipped, out.output, counts.captioned)
+    if found == 0 or (found is None and counts.captioned + counts.skipped == 0):
         raise CapcliError("no images found in " + " ".join(paths), exit_code=1)
-    if failed:
-        log.warning("%d of %d images could not be read%s", failed, total, " or their sidecars written" * (sidecars is not None))
+    if counts.failed:
+        log.warning("%d of %d images could not be read%s", counts.failed, counts.captioned,
+                    " or their sidecars written" * (sidecars is not None))
         raise typer.Exit(1)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -131,6 +132,8 @@ class ResultFile:
     def __init__(self, path: Path, fmt: str, resume: bool):
         self.path, self.fmt = path, fmt
         self.done: set[str] = set()
+        if path.is_dir():
+            raise CapcliError(f"{path} is a folder: -o takes a file name")
         exists = path.exists()
         if exists and not resume:
             raise CapcliError(f"{path} already exists: add --resume to skip the images in it and append the rest, "
@@ -142,6 +145,8 @@ class ResultFile:
             self.file = open(path, "a" if exists else "x", encoding="utf-8", newline="\n")
         except FileExistsError:  # made since we looked: another job writing the same file
             raise CapcliError(f"{path} already exists: another run is writing it?") from None
+        except OSError as e:
+            raise CapcliError(f"{path}: cannot write ({e.strerror or e})") from None
 
     def write(self, line: str) -> None:
         self.file.write(line + "\n")
@@ -241,10 +246,62 @@ class Sidecars:
         return True
 
 
-def skip_done(items: Iterable, done: set[str] | None, sidecars: Sidecars | None, skipped: list[int]) -> Iterator:
-    """``items`` less those already in the result file or with a sidecar; ``skipped[0]`` counts them."""
-    for item in items:
-        if (done and str(item) in done) or (sidecars is not None and not sidecars.wanted(str(item))):
-            skipped[0] += 1
-            continue
-        yield item
+# --------------------------------------------------------------------------- one process's part
+
+@dataclass
+class Counts:
+    captioned: int = 0  # results made by this run, failures included
+    failed: int = 0  # unreadable, or the sidecar could not be written
+    written: int = 0  # sidecars written
+    skipped: int = 0  # already in the result file, or with a sidecar (never read)
+
+    def __add__(self, other: "Counts") -> "Counts":
+        return Counts(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+class Destination:
+    """Where one process's results go and what it can skip: the result file (``output``, or its
+    part ``index`` of ``count``), the sidecars, and the counts. ``also_done`` holds images done
+    elsewhere (the file merged by an earlier run of several processes)."""
+
+    def __init__(self, fmt: str, output: Path | None, resume: bool, sidecars: Sidecars | None,
+                 index: int = 0, count: int = 1, also_done: set[str] | None = None):
+        self.fmt, self.sidecars = fmt, sidecars
+        target = output if count == 1 or output is None else part_path(output, index, count)
+        self.file = None if target is None else ResultFile(target, fmt, resume)
+        self.done = (self.file.done if self.file else set()) | (also_done or set())
+        self.counts = Counts()
+
+    def todo(self, items: Iterable) -> Iterator:
+        """``items`` less those already in the result file or with a sidecar (counted as skipped)."""
+        for item in items:
+            if str(item) in self.done or (self.sidecars is not None and not self.sidecars.wanted(str(item))):
+                self.counts.skipped += 1
+                continue
+            yield item
+
+    def put(self, r) -> str | None:
+        """Write ``r``'s sidecar and result line; returns the line for stdout when there is no
+        result file. A sidecar that cannot be written makes ``r`` a failure (``r.error``)."""
+        self.counts.captioned += 1
+        if r.ok and self.sidecars is not None:
+            try:
+                text = json.dumps(result_json(r), ensure_ascii=False) if self.fmt == "jsonl" else r.caption
+                if self.sidecars.write(r.path, text):
+                    self.counts.written += 1
+                else:
+                    self.counts.skipped += 1  # appeared meanwhile
+            except CapcliError as e:
+                r.error = e.message
+            except OSError as e:
+                r.error = f"cannot write its sidecar: {e.strerror or e}"
+        self.counts.failed += not r.ok
+        line = result_line(r, self.fmt)
+        if line is not None and self.file is not None:
+            self.file.write(line)
+            return None
+        return line
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

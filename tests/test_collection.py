@@ -164,6 +164,11 @@ def test_output_file_format_from_its_suffix_and_no_silent_overwrite(trained_mode
     assert run("caption", "-m", str(trained_model), str(collection_dir), "--resume").exit_code == 2
 
 
+def test_output_that_is_a_folder_is_one_clear_error(trained_model, collection_dir, tmp_path):
+    result = run("caption", "-m", str(trained_model), str(collection_dir), "-o", str(tmp_path))
+    assert result.exit_code == 2 and f"capcli: {tmp_path} is a folder: -o takes a file name" in result.stderr
+
+
 def test_resume_skips_what_is_done_and_drops_a_half_line(trained_model, collection_dir, tmp_path):
     whole = tmp_path / "whole.jsonl"
     assert run("caption", "-m", str(trained_model), str(collection_dir), "-o", str(whole)).exit_code == 0
@@ -269,6 +274,9 @@ def test_torchrun_two_processes_write_what_one_process_writes(trained_model, col
 
     to_stdout = subprocess.run(cmd[:cmd.index("-o")] + ["--device", "cpu"], env=_env(), capture_output=True, text=True, timeout=240)
     assert to_stdout.returncode != 0 and "under torchrun give -o FILE" in to_stdout.stderr
+    from_stdin = [c if c != str(collection_dir) else "-" for c in cmd]
+    shared = subprocess.run(from_stdin, env=_env(), capture_output=True, text=True, timeout=240, input=str(collection_dir))
+    assert shared.returncode != 0 and "the processes cannot share stdin" in shared.stderr
 
 
 # --------------------------------------------------------------------------- progress
