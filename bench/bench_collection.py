@@ -5,7 +5,9 @@
 Prints one line per figure:
   1 process / N processes   images/s of `capcli beam DIR -o out.jsonl` end to end (start-up included),
                             medians of --repeat interleaved runs; N processes through torchrun, one
-                            share each, merged by process 0; and whether the two outputs are byte-identical
+                            share each, merged by process 0
+  output ... == 1 process   whether the merged output is byte-identical to one process's, run with 1
+                            thread as each torchrun worker is, and with the default threads
   ratio                     N processes / 1 process
   peak memory               max RSS of `capcli beam DIR -o out.jsonl` over a folder of 1000 images, and
                             of `capcli caption DIR --sidecar .txt` (compare with bench_caption's 1000
@@ -45,6 +47,15 @@ def folder_of(images: list[Path], n: int, where: Path) -> Path:
         sub.mkdir(parents=True, exist_ok=True)
         (sub / f"{i:06d}{images[i % len(images)].suffix}").symlink_to(images[i % len(images)].resolve())
     return where
+
+
+def differences(a: bytes, b: bytes) -> str:
+    import json
+
+    x, y = ([json.loads(line) for line in o.splitlines()] for o in (a, b))
+    captions = sum(p.get("caption") != q.get("caption") for p, q in zip(x, y))
+    scores = sum(p.get("score") != q.get("score") for p, q in zip(x, y))
+    return f"{captions} captions and {scores} scores of {len(x)} differ"
 
 
 def listing_bytes(files: int, where: Path) -> tuple[float, float]:
@@ -103,8 +114,14 @@ def main() -> None:
         spread = {k: f"runs {', '.join(f'{x:.1f}' for x in v)}" for k, v in rates.items()}
         line(f"1 process: beam {args.beam_size}, {args.n} images", statistics.median(rates["1"]), "images/s", spread["1"])
         line(f"{args.processes} processes (torchrun)", statistics.median(rates["N"]), "images/s", spread["N"])
-        line(f"ratio: {args.processes} processes / 1", statistics.median(rates["N"]) / statistics.median(rates["1"]), "x",
-             "outputs byte-identical" if outputs["1"] == outputs["N"] else "OUTPUTS DIFFER")
+        line(f"ratio: {args.processes} processes / 1", statistics.median(rates["N"]) / statistics.median(rates["1"]), "x")
+        # torchrun gives each worker OMP_NUM_THREADS=1; another thread count sums in another order.
+        same_threads = tmp / "out-1-thread.jsonl"
+        subprocess.run([*one_process, "-o", str(same_threads)], check=True, capture_output=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        print(f"output of {args.processes} processes == 1 process: with 1 thread like each worker: "
+              f"{same_threads.read_bytes() == outputs['N']}; with the default threads: {outputs['1'] == outputs['N']} "
+              f"({differences(outputs['1'], outputs['N'])})", flush=True)
 
         big = folder_of(images, 1000, tmp / "thousand")
         for what, extra in (("beam 3 -o FILE", ["-o", str(tmp / "big.jsonl")]), ("caption --sidecar", ["--sidecar", ".txt"])):
