@@ -434,6 +434,12 @@ class Trainer:
         if self.bad_epochs >= cfg.patience:
             log.info("this run stopped early after epoch %d", self.epoch)
             return self._summary()
+        if cfg.init and not self.history and self.val_samples:
+            try:
+                with defer_sigint():
+                    self._score_start()
+            except KeyboardInterrupt:
+                self._interrupted("while scoring the --init model")
         last_save = time.time()
         while self.epoch < cfg.epochs:
             epoch = self.epoch + 1
@@ -639,6 +645,20 @@ class Trainer:
         references = {k: list(samples[int(k)].captions) for k in candidates}
         return {"val_loss": nll_sum / max(words, 1), "val_ppl": math.exp(min(nll_sum / max(words, 1), 50)),
                 **validation_scores(references, candidates, self.vocab.tokenizer, cider=self.cfg.scst_after is not None)}
+
+    def _score_start(self) -> None:
+        """Validate the --init model as epoch 0: the bar the run's epochs must beat, so that
+        best.safetensors is never worse on val than the model the run started from."""
+        t0 = time.time()
+        val = self.validate()
+        key, label = self.selection
+        val = distributed.broadcast_object(self.ctx, val)
+        if key not in val:
+            return
+        self.best_score, self.best_epoch = val[key], 0
+        self.history.append({"epoch": 0, "phase": "init", **val, "val_seconds": time.time() - t0, "best": True})
+        log.info("epoch 0 (the --init model): val loss %.3f, %s %.4f (best)", val["val_loss"], label, val[key])
+        self.save(best=True)
 
     def _end_epoch(self, epoch: int) -> bool:
         cfg, s = self.cfg, self.epoch_sums

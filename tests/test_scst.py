@@ -235,7 +235,8 @@ def test_scst_run_from_a_trained_model_raises_the_reward(tmp_path, shapes_dir, t
     run = tmp_path / "run"
     out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--init", str(trained_model), "--scst-after", "0",
                   "--epochs", "4", "--scst-lr", "5e-4", "--patience", "9", *INIT_BASE)
-    m = metrics(run)
+    start, *m = metrics(run)
+    assert (start["epoch"], start["phase"], start["best"]) == (0, "init", True)  # the --init model, scored first
     assert [r["phase"] for r in m] == ["scst"] * 4
     rewards = [r["train_reward"] for r in m]
     assert rewards[-1] > rewards[0] + 0.1, rewards
@@ -244,7 +245,7 @@ def test_scst_run_from_a_trained_model_raises_the_reward(tmp_path, shapes_dir, t
     assert all("val_cider" in r and "train_loss" not in r and r["reward_seconds"] < r["train_seconds"] for r in m)
     best = checkpoint.load_model(run / "best.safetensors")
     assert best.training["selection"] == "val_cider"
-    assert best.training["val_cider"] == max(r["val_cider"] for r in m)
+    assert best.training["val_cider"] == max(r["val_cider"] for r in [start, *m])
     assert "\tval CIDEr " in out.strip().splitlines()[-1]
     assert (run / scst.DF_FILE).is_file()
 
@@ -324,6 +325,18 @@ def test_init_starts_from_the_models_weights_vocabulary_and_settings(tmp_path, s
     assert (config["decoder_dim"], config["image_size"], config["dropout"]) == (64, 64, 0.1)
 
 
+def test_an_init_run_that_never_beats_its_start_keeps_the_start_as_best(tmp_path, shapes_dir, trained_model):
+    run = tmp_path / "run"
+    out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--init", str(trained_model), "--scst-after", "0",
+                  "--epochs", "2", "--scst-lr", "0.5", *INIT_BASE)  # a learning rate that wrecks the model
+    start, *epochs = metrics(run)
+    assert start["epoch"] == 0 and all(r["val_cider"] < start["val_cider"] and not r["best"] for r in epochs)
+    assert "epoch 0 (the --init model): val loss" in out
+    assert_same_weights(trained_model, run / "best.safetensors")
+    best = checkpoint.load_model(run / "best.safetensors")
+    assert (best.training["best_epoch"], best.training["val_cider"]) == (0, start["val_cider"])
+
+
 @pytest.mark.parametrize("option, value, words", [
     ("--decoder-dim", "128", "--decoder-dim 128 contradicts --init"),
     ("--min-freq", "2", "--min-freq cannot be given with --init"),
@@ -367,5 +380,6 @@ def test_scst_under_torchrun_keeps_the_processes_in_step(tmp_path, shapes_dir, t
                        env=_env(CAPCLI_DEBUG_SYNC_CHECK="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "were identical after each of" in result.stderr
-    (record,) = metrics(run)
+    start, record = metrics(run)  # the --init model (epoch 0), then the one epoch
+    assert start["phase"] == "init" and "val_cider" in start
     assert record["phase"] == "scst" and record["train_reward"] > 0
