@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import sys
 import time
