@@ -16,6 +16,7 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from capcli.distributed import shard_range
 from capcli.errors import CapcliError
 from capcli.files import atomic_write, atomic_write_bytes
 from capcli.images import IMAGE_SUFFIXES, is_url
@@ -90,10 +91,7 @@ def share(items: Sequence, index: int, count: int, batch_size: int) -> Sequence:
     """Share ``index`` of ``count`` of the sorted input list: contiguous runs of whole batches, so
     every image is captioned in the same batch, beside the same images, as one process would, and
     the parts concatenated in order are the input order."""
-    batches = math.ceil(len(items) / batch_size)
-    base, extra = divmod(batches, count)
-    lo = index * base + min(index, extra)
-    hi = lo + base + (index < extra)
+    lo, hi = shard_range(math.ceil(len(items) / batch_size), index, count)  # in batches
     return items[lo * batch_size:min(hi * batch_size, len(items))]
 
 
