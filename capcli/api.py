@@ -50,20 +50,27 @@ def _shipped(file_name: str) -> Path:
 
 
 def default_model_path() -> Path:
-    """$CAPCLI_MODEL, else the model shipped in the repository's weights/ (or the installed copy)."""
+    """$CAPCLI_MODEL (a file or a shipped model's short name), else the shipped photo model in the
+    repository's weights/ (or the installed copy)."""
     if env := os.environ.get("CAPCLI_MODEL"):
-        return Path(env)
+        return _named_or_path(env)
     return _shipped(DEFAULT_MODEL_NAME)
 
 
 def model_path(model: str | Path | None) -> Path:
-    """A --model value -> a file: None is the default model, a shipped model's short name
-    (default, captions, smiles) is that model, anything else is a path. A file of that name in
-    the working folder wins over a short name."""
+    """A --model value -> a file: None is the default model ($CAPCLI_MODEL, else the shipped photo
+    model), a shipped model's short name (default, captions, smiles) is that model, anything else
+    is a path. A file of that name in the working folder wins over a short name."""
     if model is None:
         return default_model_path()
+    if model == "default" and not Path(model).exists():
+        return default_model_path()  # follows $CAPCLI_MODEL too; "captions" is always the photo model
+    return _named_or_path(model)
+
+
+def _named_or_path(model: str | Path) -> Path:
     if isinstance(model, str) and model in SHIPPED_MODELS and not Path(model).exists():
-        return default_model_path() if SHIPPED_MODELS[model] == DEFAULT_MODEL_NAME else _shipped(SHIPPED_MODELS[model])
+        return _shipped(SHIPPED_MODELS[model])
     return Path(model)
 
 
@@ -164,8 +171,9 @@ class Captioner:
         PIL image).
 
         Images load in ``workers`` threads: ahead of the model on a GPU, between batches on the
-        CPU (see images.image_batches). An unreadable image yields a result with ``error`` set and
-        the others go on. Images over ``max_pixels`` (0: no limit) are refused unread.
+        CPU (see images.image_batches). An unreadable image, or a PIL image that cannot be used
+        (no pixels, damaged), yields a result with ``error`` set and the others go on. Images over
+        ``max_pixels`` (0: no limit) are refused unread.
         """
         cfg = self.cfg
         for items in image_batches(paths, cfg.image_size, batch_size, workers,
@@ -183,8 +191,8 @@ class Captioner:
     def caption(self, images, options: DecodeOptions | None = None, batch_size: int = 32, *,
                 max_pixels: int = MAX_IMAGE_PIXELS, **decode_options):
         """Caption one image or several: a path (str or Path), an http(s) URL or a PIL image gives
-        one CaptionResult; an iterable of them gives a list, in order. Unreadable images give
-        results with ``error`` set.
+        one CaptionResult; an iterable of them gives a list, in order. Unreadable images (files,
+        URLs or PIL images) give results with ``error`` set; the others are captioned.
 
         ``decode_options`` (beam_size=3, nbest=..., max_len=..., length_penalty=...) change ``options``.
         """

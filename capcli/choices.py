@@ -1,4 +1,4 @@
-"""The names a model config takes, importable without torch: the CLI checks options before it loads anything."""
+"""The names and sizes a model config takes, importable without torch: the CLI checks options before it loads anything."""
 
 from capcli.errors import CapcliError
 
@@ -21,3 +21,37 @@ def check_names(encoder: str, attention: str, rnn: str) -> None:
         raise CapcliError(f"unknown attention {attention!r} (choose {', '.join(ATTENTIONS)})")
     if rnn not in RNNS:
         raise CapcliError(f"unknown rnn {rnn!r} (choose {', '.join(RNNS)})")
+
+
+# The bounds of a model's sizes, stated once: `train` checks its options against them, and every
+# model file's config is checked against them before anything is built. They admit every model worth
+# training and keep a model file from making capcli allocate or compute without end (image_size
+# 3000 took 3.4 GB and 53 s a caption; grid 3000 asked for 46 GB). Dropout is 0 <= p < 1.
+MODEL_LIMITS = {
+    "vocab_size": (4, 1_000_000),  # the four special tokens at least
+    "image_size": (32, 1024),
+    "grid": (0, 64),  # 0: the encoder's own grid
+    "embed_dim": (1, 8192),
+    "attention_dim": (1, 8192),
+    "decoder_dim": (1, 8192),
+}
+
+
+def model_setting_problem(name: str, value: object, label: str) -> str | None:
+    """None when the model setting ``name`` may be ``value``, else why not, naming it as ``label``
+    (``--image-size`` for an option, ``image_size`` in a file)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a number" if name == "dropout" else "a whole number"
+        return f"{label} must be {kind}, not {shown(value)}"
+    if name == "dropout":
+        return None if 0 <= value < 1 else f"{label} {shown(value)} must be at least 0 and below 1"
+    lo, hi = MODEL_LIMITS[name]
+    if isinstance(value, int) and lo <= value <= hi:
+        return None
+    return f"{label} {shown(value)} must be a whole number from {lo} to {hi}"
+
+
+def shown(value: object, width: int = 40) -> str:
+    """A value from a file, as it reads in a one-line message (repr: control characters escaped), cut to ``width``."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."

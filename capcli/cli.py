@@ -8,6 +8,7 @@ errors go to stderr. Exit codes: 0 ok, 1 a run failed (or some images could not 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -159,12 +160,17 @@ class RichReporter(Reporter):
 
 
 def _fail(message: str, code: int) -> None:
+    """One line on stderr and exit ``code``; with --debug the traceback first (the code stays the same)."""
+    if _debug and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
     sys.stderr.write(f"capcli: {message}\n")
     raise typer.Exit(code)
 
 
 def handle_errors(fn):
-    """Turn library errors into one line on stderr and an exit code; --debug shows tracebacks."""
+    """Turn library errors into one line on stderr and an exit code; --debug adds tracebacks."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -173,18 +179,15 @@ def handle_errors(fn):
         except typer.Exit:
             raise
         except CapcliError as e:
-            if _debug:
-                raise
             _fail(e.message, e.exit_code)
         except BrokenPipeError:
             _quiet_broken_pipe()
-        except KeyboardInterrupt:
-            if _debug:
-                raise
-            _fail("interrupted", 130)
+        except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM/SIGHUP (signals.Stopped)
+            from capcli.signals import exit_code, signal_name, stop_signal
+
+            signum = stop_signal(e)
+            _fail(f"interrupted by {signal_name(signum)}", exit_code(signum))
         except Exception as e:  # a bug, or a resource problem we did not foresee
-            if _debug:
-                raise
             _fail(_explain(e), 1)
 
     return wrapper
@@ -194,8 +197,12 @@ def _explain(e: Exception) -> str:
     text = str(e).splitlines()[0] if str(e) else ""
     if "out of memory" in text.lower():
         return "out of GPU memory: lower --batch-size (or use a smaller --grid / --image-size)"
-    if isinstance(e, OSError) and e.errno == 28:
-        return f"no space left on device{': ' + e.filename if e.filename else ''}"
+    if isinstance(e, OSError) and e.errno is not None:  # the disk or the system said no, about a file
+        reason = (e.strerror or text or e.__class__.__name__)
+        reason = reason[:1].lower() + reason[1:]
+        if e.errno == errno.ENOSPC:
+            return f"no space left on device{': ' + str(e.filename) if e.filename else ''}"
+        return f"{e.filename}: {reason}" if e.filename else reason
     return f"unexpected error: {e.__class__.__name__}: {text} (run with --debug for the traceback)"
 
 
@@ -242,6 +249,9 @@ def _main(
     _debug, _quiet = debug, quiet
     _setup_logging(quiet)
     keep_freed_memory()
+    from capcli.signals import raise_on_stop_signals
+
+    raise_on_stop_signals()  # SIGTERM and SIGHUP unwind like Ctrl-C: files are closed, temporary files removed
 
 
 # --------------------------------------------------------------------------- build-vocab
@@ -431,7 +441,7 @@ def _run_training(fn):
     try:
         return fn()
     except TrainingInterrupted as e:
-        _fail(str(e), 130)
+        _fail(str(e), e.exit_code)
 
 
 # --------------------------------------------------------------------------- caption / beam
@@ -474,7 +484,6 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
     from capcli.api import Captioner
     from capcli.images import expand_paths
 
-    started = time.time()
     fmt = collection.output_format(out.fmt.value if out.fmt else None, out.output)
     if out.resume and out.output is None:
         raise CapcliError("--resume continues an -o FILE: give the file")
@@ -486,8 +495,6 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
         if sys.stdin.isatty():
             raise CapcliError("give image paths, folders, or - to read paths from stdin (see --help)")
         paths = ["-"]
-    sidecars = None if out.sidecar is None else collection.Sidecars(
-        out.sidecar, out.sidecar_dir, [p for p in paths if os.path.isdir(p)], out.overwrite, started)
     ctx = distributed.setup()  # torchrun: one share per process; alone: no-op
     if ctx.enabled and out.shard is not None:
         raise CapcliError("--shard is for independent jobs; under torchrun each process takes its share already")
@@ -495,55 +502,78 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
     if ctx.enabled and "-" in paths:
         raise CapcliError("under torchrun give folders or files: the processes cannot share stdin "
                           "(or split a list with --shard I/N, one job per share)")
-    if ctx.enabled and out.output is None and sidecars is None:
+    if ctx.enabled and out.output is None and out.sidecar is None:
         raise CapcliError("under torchrun give -o FILE (each process writes a part, merged in order at the end) "
                           "or --sidecar: the processes cannot share stdout")
     if ctx.enabled and out.output is not None and out.output.exists() and not out.resume:
         raise CapcliError(f"{out.output} already exists: add --resume to skip the images in it and append the rest, "
                           f"or choose another -o")
-    to_stdout = out.output is None and (sidecars is None or out.fmt is not None)
+    to_stdout = out.output is None and (out.sidecar is None or out.fmt is not None)
 
-    # A folder is listed first (its total drives the progress bar, and shares need it); stdin streams.
-    listed = count > 1 or "-" not in paths
-    items = list(expand_paths(paths)) if listed else expand_paths(paths)
-    found = len(items) if listed else None
-    if listed:
-        items = collection.share(items, index, count, batch_size)
-    also_done = collection.read_done(out.output, fmt) if ctx.enabled and out.resume and out.output.exists() else None
-    destination = collection.Destination(fmt, out.output, out.resume, sidecars, index, count, also_done)
+    # What can fail in one process alone (its part file exists or another run has it, a folder it
+    # cannot write) is found before the first collective, and every process stops on it together:
+    # none is left waiting for one that has gone.
+    destination, problem = None, None
+    try:
+        try:
+            sidecars = None if out.sidecar is None else collection.Sidecars(
+                out.sidecar, out.sidecar_dir, [p for p in paths if os.path.isdir(p)], out.overwrite)
+            if attention_dir is not None:
+                collection.writable_folder(attention_dir, "--attention-dir")
+            # A folder is listed first (its total drives the progress bar, and shares need it); stdin streams.
+            listed = count > 1 or "-" not in paths
+            items = list(expand_paths(paths)) if listed else expand_paths(paths)
+            found = len(items) if listed else None
+            if listed:
+                items = collection.share(items, index, count, batch_size)
+            also_done = collection.read_done(out.output, fmt) if ctx.enabled and out.resume and out.output.exists() else None
+            destination = collection.Destination(fmt, out.output, out.resume, sidecars, index, count, also_done)
+            captioner = Captioner.load(model, str(distributed.training_device(ctx, device.value)), precision.value)
+        except CapcliError as e:
+            problem = e
+        _stop_together(ctx, problem)
+    except BaseException:
+        if destination is not None:
+            destination.close(failed=True)  # a result file this run made, still empty, goes again
+        raise
+
     todo = destination.todo(items)
-
-    captioner = Captioner.load(model, str(distributed.training_device(ctx, device.value)), precision.value)
-    if attention_dir is not None:
-        attention_dir.mkdir(parents=True, exist_ok=True)
     reporter = RichReporter() if ctx.is_main and not _quiet else Reporter()
     reporter.start("captioning", len(items) if listed else None, "images")
     counts, shown = destination.counts, 0
     names_used: set[str] = set()
     tick = time.perf_counter()
+    failed = True
     try:
         for r in captioner.caption_stream(todo, options, batch_size, workers, max_pixels=max_pixels):
             line = destination.put(r)
             if not r.ok:
-                sys.stderr.write(f"capcli: {r.path}: {r.error}\n")
+                sys.stderr.write(f"capcli: {collection.printable(r.path)}: {collection.printable(r.error)}\n")
             if line is not None and to_stdout:
-                sys.stdout.write(line + "\n")
-                sys.stdout.flush()  # a pipe is block-buffered: without this `| head -1` waits for ~170 lines
+                sys.stdout.buffer.write(collection.line_bytes(line))  # bytes: a name that is not UTF-8 as it is
+                sys.stdout.buffer.flush()  # a pipe is block-buffered: without this `| head -1` waits for ~170 lines
             if attention_dir is not None and r.ok:
                 _write_attention(attention_dir, r, names_used, max_pixels)
             reporter.update(advance=counts.captioned + counts.skipped - shown, failed=counts.failed,
                             images_per_s=counts.captioned / max(time.perf_counter() - tick, 1e-9))
             shown = counts.captioned + counts.skipped
+        failed = False
     finally:
         reporter.update(advance=counts.captioned + counts.skipped - shown)
         reporter.stop()
-        destination.close()
-    counts = sum(distributed.all_gather_object(ctx, counts), collection.Counts())  # every process's
+        destination.close(failed)
+    try:
+        counts = sum(distributed.all_gather_object(ctx, counts), collection.Counts())  # every process's
+    except Exception as e:
+        if not distributed.is_failure(e):
+            raise
+        raise CapcliError(distributed.failure_message(ctx, e, None, task="captioning") +
+                          "; run the same command with --resume to continue", exit_code=1) from None
     if ctx.enabled and out.output is not None and ctx.is_main:
         parts = [collection.part_path(out.output, r, count) for r in range(count)]
         lines = collection.merge_parts(out.output, parts, fmt)
         log.info("merged the results of %d processes into %s (%d lines)", count, out.output, lines)
-    if sidecars is not None:
+    if out.sidecar is not None:
         log.info("sidecars: %d written, %d skipped (already there), %d failed", counts.written, counts.skipped, counts.failed)
     elif out.resume and counts.skipped:
         log.info("%d images were already done (in %s); %d captioned now", counts.skipped, out.output, counts.captioned)
@@ -551,8 +581,28 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
         raise CapcliError("no images found in " + " ".join(paths), exit_code=1)
     if counts.failed:
         log.warning("%d of %d images could not be read%s", counts.failed, counts.captioned,
-                    " or their sidecars written" * (sidecars is not None))
+                    " or their sidecars written" * (out.sidecar is not None))
         raise typer.Exit(1)
+
+
+def _stop_together(ctx, problem: CapcliError | None) -> None:
+    """Raise ``problem``, or under torchrun the first problem any process had, in every process."""
+    from capcli import distributed
+
+    if not ctx.enabled:
+        if problem is not None:
+            raise problem
+        return
+    try:
+        problems = distributed.all_gather_object(ctx, None if problem is None else (problem.message, problem.exit_code))
+    except Exception as e:
+        if not distributed.is_failure(e):
+            raise
+        raise CapcliError(distributed.failure_message(ctx, e, None, task="captioning"), exit_code=1) from None
+    for rank, theirs in enumerate(problems):
+        if theirs is not None:
+            message, code = theirs
+            raise CapcliError(f"process {rank} of {ctx.world_size}: {message}", code)
 
 
 def _picture_name(path: str, used: set[str]) -> str:
@@ -570,15 +620,19 @@ def _picture_name(path: str, used: set[str]) -> str:
 
 def _write_attention(directory: Path, r, names_used: set[str], max_pixels: int) -> None:
     from capcli import attention_map
+    from capcli.collection import printable
     from capcli.images import ImageError, load_image
 
     name = _picture_name(r.path, names_used)
     try:
-        image = load_image(r.path, max_pixels=max_pixels)
+        image = load_image(r.path, draft_size=attention_map.PANEL, max_pixels=max_pixels)  # no bigger than drawn
+        attention_map.save(directory / f"{name}.png", image, r.caption, r.tokens, r.attention)
     except ImageError as e:  # changed since it was captioned
-        log.warning("%s: %s (no attention picture)", r.path, e)
-        return
-    attention_map.save(directory / f"{name}.png", image, r.caption, r.tokens, r.attention)
+        log.warning("%s: %s (no attention picture)", printable(r.path), e)
+    except OSError as e:  # the folder went read-only or full since the run started
+        if e.errno == errno.ENOSPC:
+            raise
+        log.warning("%s: cannot write its attention picture (%s)", printable(r.path), e.strerror or e)
 
 
 @app.command()

@@ -3,23 +3,34 @@ files that resume, the parts of several processes merged in input order, and sid
 
 The command line drives it (``capcli caption|beam DIR -o FILE --resume --sidecar .txt``); nothing
 here prints. A result file is appended to and flushed as results come, so a run killed at any
-moment leaves whole lines (and at worst half of the last one, dropped on resume); sidecars are
-written atomically, so one is there whole or not at all.
+moment leaves whole lines (and at worst half of the last one, dropped on resume); a run holds a
+lock on its file, so a second run on it stops instead of mixing lines; sidecars are written
+atomically, so one is there whole or not at all.
+
+Any name a filesystem allows survives: result files are split at newlines only, a name that is not
+UTF-8 is written as its own bytes in text and tsv and with \\udcXX escapes in JSON (os.fsdecode's
+surrogates, which json.loads gives back), and a path a tsv line cannot hold (a tab or a newline in
+it) is that image's error rather than a line that another image could be read from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
+import stat
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import BinaryIO, Iterable, Iterator, Sequence
 
 from capcli.distributed import shard_range
 from capcli.errors import CapcliError
-from capcli.files import atomic_write, atomic_write_bytes
+from capcli.files import FileProblem, atomic_write, atomic_write_bytes, parse_json
 from capcli.images import IMAGE_SUFFIXES, is_url
+
+log = logging.getLogger("capcli")
 
 FORMATS = ("text", "tsv", "jsonl")
 TEXT_CANNOT_RESUME = ("--resume finds finished images by their paths, which text output lacks: "
@@ -50,13 +61,47 @@ def result_json(r) -> dict:
     return obj
 
 
+# Escaped in JSON lines although JSON allows them raw: line breaks to str.splitlines and to some
+# JSON readers, and the surrogates that stand for the bytes of a name that are not UTF-8.
+_RAW_IN_JSON = re.compile(r"[\x85\u2028\u2029\ud800-\udfff]")
+
+
+def json_line(obj) -> str:
+    """``obj`` as one line of JSON, non-ASCII text as it is, bar the characters _RAW_IN_JSON escapes."""
+    return _RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(obj, ensure_ascii=False))
+
+
+def printable(text: str) -> str:
+    """``text`` for a one-line message: line breaks, control characters and the bytes of a name
+    that are not UTF-8 written as escapes (\\n, \\x1b, \\xff), everything else as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else  # os.fsdecode's stand-in for a byte
+                   repr(c)[1:-1] for c in text)
+
+
+def line_bytes(line: str) -> bytes:
+    """A result line as written to a file or stdout: UTF-8, and a file name's bytes that are not
+    UTF-8 (os.fsdecode's surrogates) as those bytes again."""
+    return (line + "\n").encode("utf-8", "surrogateescape")
+
+
+def line_problem(r, fmt: str) -> str | None:
+    """Why ``r`` cannot be one line of ``fmt``, if it cannot: a tab or a newline in a path would
+    split a tsv line, and the pieces could read as another image's line."""
+    if fmt == "tsv" and r.path is not None and ("\t" in r.path or "\n" in r.path):
+        return "its path has a tab or a newline, which a tsv line cannot hold: use --format jsonl"
+    return None
+
+
 def result_line(r, fmt: str) -> str | None:
     """One CaptionResult as a line of output (no newline); None: the format has no line for it."""
     if fmt == "text":
         return r.caption if r.ok else ""  # an empty line keeps the output aligned with the input
     if fmt == "tsv":
         return f"{r.path}\t{r.caption}" if r.ok else None
-    return json.dumps(result_json(r), ensure_ascii=False)
+    return json_line(result_json(r))
 
 
 def line_path(line: str, fmt: str, where: str) -> str:
@@ -66,8 +111,8 @@ def line_path(line: str, fmt: str, where: str) -> str:
             raise CapcliError(f"{where}: not a tsv result line (path<TAB>caption)")
         return line.split("\t", 1)[0]
     try:
-        path = json.loads(line)["path"]
-    except (ValueError, KeyError, TypeError):
+        path = parse_json(line, where)["path"]
+    except (FileProblem, KeyError, TypeError):  # FileProblem: not JSON, or JSON nested too deeply
         raise CapcliError(f"{where}: not a capcli jsonl result line") from None
     if not isinstance(path, str):
         raise CapcliError(f"{where}: not a capcli jsonl result line")
@@ -103,55 +148,115 @@ def part_path(output: Path, index: int, count: int) -> Path:
 
 # --------------------------------------------------------------------------- result files
 
-def read_done(path: Path, fmt: str) -> set[str]:
-    """The images a result file already has, by path; a last line cut off by a kill is removed."""
+def _whole_lines(f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """(number, line with its newline) for each whole line of a result file, split at b"\\n" only;
+    the last line, if a kill cut it off before its newline, is left out."""
+    for number, line in enumerate(f, 1):
+        if line.endswith(b"\n"):
+            yield number, line
+
+
+def _line_key(line: bytes, fmt: str, where: str) -> str:
+    """The path a tsv or jsonl result line (without its newline) is about, as the walk or stdin give it."""
+    return line_path(line.decode("utf-8", "surrogateescape"), fmt, where)
+
+
+def _paths_done(f: BinaryIO, fmt: str, where: Path) -> tuple[set[str], int]:
+    """The paths of a result file's whole lines, and those lines' length in bytes."""
     if fmt == "text":
         raise CapcliError(TEXT_CANNOT_RESUME)
-    with open(path, "rb+") as f:
-        data = f.read()
-        whole = data.rfind(b"\n") + 1
-        if whole < len(data):
-            f.truncate(whole)  # the half line a kill left: that image is captioned again
-    done = set()
-    try:
-        lines = data[:whole].decode("utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise CapcliError(f"{path}: not a capcli result file (not UTF-8 text)") from None
-    for number, line in enumerate(lines, 1):
-        if line:
-            done.add(line_path(line, fmt, f"{path} line {number}"))
-    return done
+    done, length = set(), 0
+    for number, line in _whole_lines(f):
+        length += len(line)
+        if line != b"\n":
+            done.add(_line_key(line[:-1], fmt, f"{where} line {number}"))
+    return done, length
+
+
+def read_done(path: Path, fmt: str) -> set[str]:
+    """The images a result file already has, by path."""
+    with open(path, "rb") as f:
+        return _paths_done(f, fmt, path)[0]
 
 
 class ResultFile:
-    """Result lines appended to ``path`` and flushed at once. An existing file is refused unless
-    ``resume``, which keeps it and reads which images it holds (``done``)."""
+    """Result lines appended to ``path`` and flushed at once, under an exclusive lock held while
+    it is open. An existing file is refused unless ``resume``, which keeps it and reads which
+    images it holds (``done``), dropping the half line a kill may have left."""
 
     def __init__(self, path: Path, fmt: str, resume: bool):
         self.path, self.fmt = path, fmt
-        self.done: set[str] = set()
         if path.is_dir():
             raise CapcliError(f"{path} is a folder: -o takes a file name")
-        exists = path.exists()
-        if exists and not resume:
+        existed = path.exists()
+        if existed and not resume:
             raise CapcliError(f"{path} already exists: add --resume to skip the images in it and append the rest, "
                               f"or choose another -o")
-        if exists:
-            self.done = read_done(path, fmt)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.new = not existed  # made by this run: removed again if the run fails before writing to it
         try:
-            self.file = open(path, "a" if exists else "x", encoding="utf-8", newline="\n")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # O_APPEND: each line goes to the end of the file as it is then, whoever else has it open
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | (0 if existed else os.O_EXCL), 0o666)
         except FileExistsError:  # made since we looked: another job writing the same file
             raise CapcliError(f"{path} already exists: another run is writing it?") from None
-        except OSError as e:
+        except OSError as e:  # read-only, no permission, a file where a folder should be
             raise CapcliError(f"{path}: cannot write ({e.strerror or e})") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device: --resume would read it for ever
+                raise CapcliError(f"{path}: not a regular file")
+            _lock(fd, path)
+            with open(fd, "rb", closefd=False) as f:
+                self.done, whole = _paths_done(f, fmt, path)
+            if whole < os.fstat(fd).st_size:
+                os.ftruncate(fd, whole)  # the half line a kill left: that image is captioned again
+        except BaseException:
+            os.close(fd)
+            raise
+        self.file = open(fd, "ab")
 
     def write(self, line: str) -> None:
-        self.file.write(line + "\n")
+        self.file.write(line_bytes(line))
         self.file.flush()  # a killed run keeps every result it reported
+        self.new = False
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the file, which ends the lock. A run that ``failed`` before writing a line removes
+        the file if it made it, so that the same command can be run again."""
+        if failed and self.new:
+            self.path.unlink(missing_ok=True)  # still locked: no other run has it
         self.file.close()
+
+
+def _lock(fd: int, path: Path) -> None:
+    """Lock the open result file for this run, or stop at once if another run has it: two runs
+    appending to one file interleave their lines, and each skips only what it read at the start."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held until the file is closed, even by a kill
+    except BlockingIOError:
+        raise CapcliError(f"{path}: another capcli run{_lock_holder(fd)} is writing it: let it finish, "
+                          f"or choose another -o") from None
+    except OSError as e:  # a filesystem without locks
+        log.warning("%s: cannot lock (%s): a second run on the same file would mix its lines with this one's",
+                    path, e.strerror or e)
+
+
+def _lock_holder(fd: int) -> str:
+    """Who holds the lock on ``fd``'s file, as ' (pid N)' where /proc/locks (Linux) says, else ''."""
+    st = os.fstat(fd)
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            for line in f:  # 1: FLOCK  ADVISORY  WRITE 1234 00:2f:5678 0 EOF
+                fields = line.split()
+                if "FLOCK" in fields and file_id in fields:
+                    return f" (pid {fields[fields.index(file_id) - 1]})"
+    except OSError:
+        pass
+    return ""
 
 
 def merge_parts(output: Path, parts: Sequence[Path], fmt: str) -> int:
@@ -162,14 +267,12 @@ def merge_parts(output: Path, parts: Sequence[Path], fmt: str) -> int:
 
     def write(tmp: Path) -> None:
         nonlocal written
-        with open(tmp, "w", encoding="utf-8", newline="\n") as out:
+        with open(tmp, "wb") as out:
             for source in ([output] if output.exists() else []) + list(parts):
-                with open(source, encoding="utf-8") as f:
-                    for number, line in enumerate(f, 1):
-                        if not line.endswith("\n"):
-                            continue  # cut off by a kill (never in a finished part)
+                with open(source, "rb") as f:
+                    for number, line in _whole_lines(f):  # a line cut off by a kill: never in a finished part
                         if fmt != "text":
-                            key = line_path(line.rstrip("\n"), fmt, f"{source} line {number}")
+                            key = _line_key(line[:-1], fmt, f"{source} line {number}")
                             if key in seen:
                                 continue
                             seen.add(key)
@@ -189,22 +292,30 @@ class Sidecars:
     ``directory`` mirroring the tree below the folder it was found in (``roots``).
 
     An existing sidecar is kept (``wanted`` is False, so the image is not even read) unless
-    ``overwrite``. Two images that map to one sidecar (photo.jpg and photo.png) are caught: a
-    sidecar written since ``started`` (a time.time()) belongs to another image of this run."""
+    ``overwrite``. A sidecar belongs to the first image of the run that maps to it, which writes it
+    or keeps it as it was; another image that maps to it (photo.png beside photo.jpg) fails, in this
+    run and in every later one, rather than take the first one's caption."""
 
-    def __init__(self, suffix: str, directory: Path | None, roots: Iterable[str], overwrite: bool, started: float):
+    def __init__(self, suffix: str, directory: Path | None, roots: Iterable[str], overwrite: bool):
         suffix = suffix if suffix.startswith(".") else "." + suffix
         if suffix == "." or "/" in suffix or os.sep in suffix:
             raise CapcliError(f"--sidecar {suffix!r}: expected an extension such as .txt")
-        if suffix.lower() in IMAGE_SUFFIXES:
+        if suffix.lower() in image_extensions():
             raise CapcliError(f"--sidecar {suffix}: that is an image extension; sidecars would replace images")
-        self.suffix, self.directory, self.overwrite, self.started = suffix, directory, overwrite, started
+        if directory is not None:
+            writable_folder(directory, "--sidecar-dir")
+        self.suffix, self.directory, self.overwrite = suffix, directory, overwrite
         self.roots = [os.path.join(os.path.normpath(r), "") for r in roots]  # "photos/": prefixes of the paths found there
+        # hash() of each sidecar an image of this run has taken: 10^7 images hold ints, not paths. Two
+        # sidecars with one hash (odds ~10^-6 at 10^7) fail the second image; nothing is overwritten.
+        self.taken: set[int] = set()
 
     def path(self, image: str) -> Path:
         """Where the sidecar of ``image`` (a local path) goes; CapcliError if it has none."""
         if is_url(image):
             raise CapcliError("a URL has no folder for a sidecar file")
+        if os.path.splitext(image)[1].lower() == self.suffix.lower():
+            raise CapcliError(f"its sidecar would have its own extension {self.suffix}, and replace it")
         if self.directory is None:
             return Path(image).with_suffix(self.suffix)
         relative = os.path.normpath(image)
@@ -217,31 +328,50 @@ class Sidecars:
             raise CapcliError(f"cannot mirror a path outside the working folder under --sidecar-dir {self.directory}")
         return (self.directory / relative).with_suffix(self.suffix)
 
-    def _written_by_this_run(self, sidecar: Path) -> bool:
-        try:
-            return sidecar.stat().st_mtime >= self.started
-        except OSError:
-            return False
-
     def wanted(self, image: str) -> bool:
         """Does ``image`` still need its sidecar? (A URL does, to be reported as a failure.)"""
         try:
             sidecar = self.path(image)
         except CapcliError:
             return True
-        return self.overwrite or not sidecar.exists() or self._written_by_this_run(sidecar)
+        key = hash(str(sidecar))
+        if self.overwrite or key in self.taken or not sidecar.exists() or sidecar.is_dir():
+            return True  # written, or reported as a failure (another image's sidecar, a folder)
+        self.taken.add(key)  # kept as it is, as this image's
+        return False
 
     def write(self, image: str, text: str) -> bool:
         """Write the sidecar atomically; False when one appeared meanwhile and may not be replaced."""
         sidecar = self.path(image)
-        if sidecar.exists():
-            if self._written_by_this_run(sidecar):
-                raise CapcliError(f"its sidecar {sidecar} was already written for another image of this run "
-                                  f"(same name, other extension); rename one of them")
-            if not self.overwrite:
-                return False
+        key = hash(str(sidecar))
+        if key in self.taken:
+            raise CapcliError(f"its sidecar {sidecar} belongs to another image of this run "
+                              f"(same name, other extension); rename one of them")
+        if sidecar.is_dir():
+            raise CapcliError(f"its sidecar {sidecar} is a folder")
+        self.taken.add(key)
+        if sidecar.exists() and not self.overwrite:
+            return False
         atomic_write_bytes(sidecar, (text + "\n").encode("utf-8"))
         return True
+
+
+def writable_folder(folder: Path, option: str) -> None:
+    """Make ``folder`` (given as ``option``) if need be; CapcliError, before any image is read,
+    if it cannot be made or written in."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # read-only, no permission, a file where a folder should be
+        raise CapcliError(f"{folder}: cannot make the {option} folder ({e.strerror or e})") from None
+    if not os.access(folder, os.W_OK):  # a read-only filesystem says so even to root
+        raise CapcliError(f"{folder}: cannot write in the {option} folder")
+
+
+def image_extensions() -> set[str]:
+    """Extensions of files that are images: capcli's, and every one Pillow can open (.jfif, .apng...)."""
+    from PIL import Image
+
+    return IMAGE_SUFFIXES | {e.lower() for e in Image.registered_extensions()}
 
 
 # --------------------------------------------------------------------------- one process's part
@@ -280,11 +410,14 @@ class Destination:
 
     def put(self, r) -> str | None:
         """Write ``r``'s sidecar and result line; returns the line for stdout when there is no
-        result file. A sidecar that cannot be written makes ``r`` a failure (``r.error``)."""
+        result file. A result its line cannot hold, or whose sidecar cannot be written, becomes a
+        failure (``r.error``)."""
         self.counts.captioned += 1
+        if r.ok and (problem := line_problem(r, self.fmt)):
+            r.error = problem  # before its sidecar: an image has all its outputs or fails
         if r.ok and self.sidecars is not None:
             try:
-                text = json.dumps(result_json(r), ensure_ascii=False) if self.fmt == "jsonl" else r.caption
+                text = json_line(result_json(r)) if self.fmt == "jsonl" else r.caption
                 if self.sidecars.write(r.path, text):
                     self.counts.written += 1
                 else:
@@ -300,6 +433,7 @@ class Destination:
             return None
         return line
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Close the result file (see ResultFile.close for ``failed``)."""
         if self.file is not None:
-            self.file.close()
+            self.file.close(failed)

@@ -11,15 +11,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import logging
+import os
 import re
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from capcli.choices import shown
 from capcli.errors import CapcliError
+from capcli.files import FileProblem, parse_json
 from capcli.images import IMAGE_SUFFIXES
 
 log = logging.getLogger("capcli")
@@ -80,7 +83,7 @@ class _Row:
 
 def _open_text(path: Path) -> str:
     try:
-        raw = path.read_bytes()
+        raw = _read_bytes(path)
     except FileNotFoundError:
         raise CapcliError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -92,6 +95,24 @@ def _open_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise CapcliError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A caption file's bytes. A pipe is read from what writes to it (``--captions <(zcat c.csv.gz)``),
+    without the wait for a writer that a named FIFO's plain open does; a device is refused."""
+    kind = os.stat(path).st_mode
+    if stat.S_ISDIR(kind):
+        raise IsADirectoryError(path)
+    if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind)):
+        raise CapcliError(f"{path}: not a regular file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO: returns at once, writer or not
+    if stat.S_ISFIFO(kind):
+        os.set_blocking(fd, True)  # then wait for what a writer sends; with none, the end comes at once
+    with open(fd, "rb") as f:
+        raw = f.read()
+    if not raw and stat.S_ISFIFO(kind):
+        raise CapcliError(f"{path}: not a regular file, and nothing wrote to it (a FIFO needs its writer first)")
+    return raw
 
 
 def _pick(names: Sequence[str], wanted: Sequence[str]) -> int | None:
@@ -197,23 +218,36 @@ def _read_jsonl(path: Path, text: str) -> list[_Row]:
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise CapcliError(f"{path}:{line}: invalid JSON ({e.msg})") from None
+            obj = parse_json(raw, f"{path}:{line}")
+        except FileProblem as e:
+            raise CapcliError(str(e)) from None
         if not isinstance(obj, dict):
             raise CapcliError(f"{path}:{line}: expected a JSON object per line")
         img = next((obj[k] for k in _IMAGE_COLUMNS if k in obj), None)
         cap = next((obj[k] for k in _CAPTION_COLUMNS if k in obj), None)
         if img is None or cap is None:
+            found = ", ".join(k if k.isprintable() else shown(k) for k in list(obj)[:6])
             raise CapcliError(
-                f"{path}:{line}: no image and caption fields (found: {', '.join(list(obj)[:6])}); "
+                f"{path}:{line}: no image and caption fields (found: {found}); "
                 f"expected e.g. {{\"image\": ..., \"caption\": ...}}"
             )
-        caps = cap if isinstance(cap, list) else [cap]
         split = obj.get("split")
-        for c in caps:
-            rows.append(_Row(_image_key(str(img)), str(c).strip(), str(split).strip().lower() if split else None, line))
+        try:
+            image, caps = _image_key(_text(img)), [_text(c).strip() for c in (cap if isinstance(cap, list) else [cap])]
+            split = _text(split).strip().lower() if split else None
+        except TypeError:
+            raise CapcliError(f"{path}:{line}: the image, caption and split fields must be text") from None
+        rows.extend(_Row(image, c, split, line) for c in caps)
     return rows
+
+
+def _text(value: object) -> str:
+    """A JSON field read as text: a string, or a number (an image named 1234); anything else is a TypeError."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"expected text, not {type(value).__name__}")
 
 
 # --------------------------------------------------------------------------- assembling samples
@@ -286,9 +320,11 @@ def _assemble(
     if not captions:
         raise CapcliError(f"{source}: no usable captions (all are empty)" if empty else f"{source}: no captions in the file")
     samples, missing_images, missing_captions, unknown_splits, hashed = [], 0, 0, Counter(), 0
+    first_missing = None
     for image_path, caps in captions.items():
         if not image_path.is_file():
             missing_images += 1
+            first_missing = first_missing or image_path
             missing_captions += len(caps)
             continue
         split = splits[image_path]
@@ -307,7 +343,9 @@ def _assemble(
         n = sum(unknown_splits.values())
         log.warning("%s: %d image%s with an unknown split (%s) split by name hash instead", source, n, "s" * (n != 1), names)
     if not samples:
-        raise CapcliError(f"{source}: no usable captions (none of the {missing_images} images they name is on disk)")
+        raise CapcliError(f"{source}: no usable captions: none of the {missing_images} images they name is on disk "
+                          f"(looked for {first_missing} and the others in {first_missing.parent}; --images DIR "
+                          f"says where they are)")
     samples.sort(key=lambda s: str(s.image_path))
     by_hash = f"hash {_ratio_text(ratios)} of image names"
     split_source = own_split if hashed == 0 else by_hash if hashed == len(samples) else f"{own_split}; images without one: {by_hash}"
@@ -358,6 +396,9 @@ def load_dataset(
         if data_dir is None:
             raise CapcliError("give --data DIR, or --captions FILE with --images DIR")
         root = Path(data_dir)
+        if root.is_file():
+            raise CapcliError(f"{root}: is a file, --data takes a dataset folder (for a caption file: "
+                              f"--captions FILE --images DIR)")
         if not root.is_dir():
             raise CapcliError(f"{root}: data folder not found")
         source = str(root)
@@ -390,9 +431,9 @@ def _load_folder(root: Path, images: Path | None, ratios: Sequence[float]) -> Da
 
 def _load_json(path: Path) -> object:
     try:
-        return json.loads(_open_text(path))
-    except json.JSONDecodeError as e:
-        raise CapcliError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        return parse_json(_open_text(path), str(path))
+    except FileProblem as e:
+        raise CapcliError(str(e)) from None
 
 
 def _load_karpathy(path: Path, root: Path, images: Path | None, ratios) -> Dataset:
@@ -413,7 +454,7 @@ def _load_karpathy(path: Path, root: Path, images: Path | None, ratios) -> Datas
         for i, entry in enumerate(data["images"]):
             try:
                 image_path = locate(entry)
-                sentences = [str(s["raw"]) if "raw" in s else " ".join(map(str, s["tokens"])) for s in entry["sentences"]]
+                sentences = [_text(s["raw"]) if "raw" in s else " ".join(map(_text, s["tokens"])) for s in entry["sentences"]]
                 split = entry.get("split")
             except (KeyError, TypeError, AttributeError):  # a field missing, or of the wrong JSON type
                 raise CapcliError(f"{path}: images[{i}] lacks 'filename' or 'sentences' with 'raw' captions") from None
@@ -451,8 +492,8 @@ def _load_coco(files: list[Path], root: Path, images: Path | None, ratios) -> Da
             stem = stems[path]
             folder = images or _first_dir(root, (stem, f"images/{stem}")) or root
             try:
-                names = {img["id"]: str(img["file_name"]) for img in data["images"]}
-                anns = [(names.get(ann["image_id"]), str(ann["caption"])) for ann in data["annotations"]]
+                names = {img["id"]: _text(img["file_name"]) for img in data["images"]}
+                anns = [(names.get(ann["image_id"]), _text(ann["caption"])) for ann in data["annotations"]]
             except (KeyError, TypeError):  # an entry that is not an object, or lacks a field
                 raise CapcliError(f"{path}: not a COCO captions file (images need 'id' and 'file_name', "
                                   f"annotations 'image_id' and 'caption')") from None

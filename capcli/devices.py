@@ -35,6 +35,15 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Does this GPU compute in bf16 natively? NVIDIA from compute capability 8.0 (Ampere) on; Volta
+    and Turing only emulate it, slower than fp16 (torch.cuda.is_bf16_supported() counts emulation, and
+    asks about the current device, not ``device``). ROCm GPUs have it."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(device).major >= 8
+
+
 def cpu_has_amx() -> bool:
     """AMX tiles (Intel Sapphire Rapids and later): bf16 matrix units, where bf16 pays on the CPU."""
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
@@ -52,11 +61,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
     cuda = device.type == "cuda"
     if name == "auto":
         if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if gpu_has_bf16(device) else "fp16"
         return "bf16" if cpu_has_amx() else "fp32"
     if name == "fp16" and not cuda:
         raise CapcliError("--precision fp16 is for CUDA GPUs; on the CPU use bf16 (where it has it) or fp32")
-    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    if name == "bf16" and cuda and not gpu_has_bf16(device):
         raise CapcliError("--precision bf16: this GPU has no bf16; use fp16 or fp32")
     if name == "bf16" and not cuda and not cpu_has_bf16():
         raise CapcliError("--precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX); use fp32 (or auto)")

@@ -214,12 +214,12 @@ def is_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _MARKERS)
 
 
-def failure_message(ctx: DistContext, exc: BaseException, run_dir: str | Path | None) -> str:
+def failure_message(ctx: DistContext, exc: BaseException, run_dir: str | Path | None, task: str = "training") -> str:
     text = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
     text = text.split("] ", 1)[-1] if text.startswith("[") else text  # drop gloo's source location
     text = text.split(" This is typically caused", 1)[0]  # and its advice, which is ours below
     seconds = timeout_from_env().total_seconds()
-    message = (f"distributed training stopped on rank {ctx.rank} of {ctx.world_size}: another process died, hung or "
+    message = (f"distributed {task} stopped on rank {ctx.rank} of {ctx.world_size}: another process died, hung or "
                f"cannot be reached ({text[:300]}); collectives wait at most {seconds:g} s (CAPCLI_DIST_TIMEOUT). "
                f"See the other processes' output for the cause")
     if run_dir is not None:
@@ -263,6 +263,15 @@ def all_reduce_sum(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``tensor`` over the ranks, in place (and returned)."""
+    if ctx.enabled:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor
 
 

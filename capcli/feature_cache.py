@@ -20,7 +20,7 @@ import torch
 from capcli import distributed
 from capcli.devices import autocast
 from capcli.distributed import DistContext
-from capcli.files import atomic_write_bytes
+from capcli.files import FileProblem, atomic_write_bytes, parse_json
 from capcli.images import ImageError, image_batches, normalize_pixels
 from capcli.model import ModelConfig
 from capcli.progress import Reporter
@@ -44,6 +44,29 @@ def _runs(rows: Sequence[int]) -> list[tuple[int, int, int]]:
         else:
             out.append((r, k, 1))
     return out
+
+
+def _read_record(path: Path, n: int) -> tuple[int, list[tuple[int, int]], dict[int, str]]:
+    """(done, ranges, bad) of a progress record of ``n`` rows; FileProblem when it is damaged, OSError
+    when it cannot be read (e.g. a part record merged and removed meanwhile)."""
+    state = parse_json(path.read_bytes(), str(path))  # FileProblem: not JSON, nested too deeply, a huge number
+    if not isinstance(state, dict):
+        raise FileProblem(f"{path}: damaged progress record (not a JSON object)")
+    done, ranges, bad = state.get("done", 0), state.get("ranges", []), state.get("bad", {})
+    if not (_is_row(done, n + 1)
+            and isinstance(ranges, list) and all(isinstance(r, list) and len(r) == 2 for r in ranges)
+            and all(_is_row(lo, n + 1) and _is_row(hi, n + 1) and lo <= hi for lo, hi in ranges)
+            and isinstance(bad, dict) and all(_is_row_key(k, n) and isinstance(v, str) for k, v in bad.items())):
+        raise FileProblem(f"{path}: damaged progress record (its rows are not whole numbers in 0..{n})")
+    return done, [(lo, hi) for lo, hi in ranges], {int(k): v for k, v in bad.items()}
+
+
+def _is_row(x: object, end: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < end
+
+
+def _is_row_key(key: str, n: int) -> bool:
+    return key.isdecimal() and len(key) < 20 and int(key) < n
 
 
 class FeatureCache:
@@ -94,13 +117,16 @@ class FeatureCache:
         records = [self.index_path] if self.index_path.exists() else []
         for path in records + self._part_paths():
             try:
-                state = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue  # a part being replaced, or damaged: those rows are simply encoded again
-            self.have[: min(int(state.get("done", 0)), n)] = True
-            for lo, hi in state.get("ranges", []):
-                self.have[lo:min(hi, n)] = True
-            self.bad.update({int(k): v for k, v in state.get("bad", {}).items()})
+                done, ranges, bad = _read_record(path, n)
+            except FileProblem as e:  # the cache can be rebuilt: what a damaged record held is encoded again
+                log.warning("%s; the images it recorded will be encoded again", e)
+                continue
+            except OSError:
+                continue  # a part record merged and removed meanwhile, or unreadable: its rows are encoded again
+            self.have[:done] = True
+            for lo, hi in ranges:
+                self.have[lo:hi] = True
+            self.bad.update(bad)
 
     @property
     def done(self) -> int:

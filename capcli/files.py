@@ -7,6 +7,7 @@ into their one error type.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -35,8 +36,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     the path holds the old file or the whole new one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
     os.close(fd)
     try:
         write(Path(tmp))
@@ -44,10 +48,18 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
+    except OSError as e:  # disk full, quota, read-only: about the file being written, not its temporary name
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The same error (its errno and subclass), about ``path``."""
+    return OSError(e.errno, e.strerror or str(e), str(path)) if e.errno is not None else e
 
 
 def fsync_dir(directory: str | Path) -> None:
@@ -68,16 +80,46 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+def parse_json(text: str | bytes, where: str) -> object:
+    """``json.loads`` for JSON from a user's file: anything wrong is ``FileProblem("WHERE: invalid
+    JSON (reason)")``, one line. ``where`` names the file, and the line for JSON Lines.
+
+    Beyond bad syntax that covers what json.loads lets through or crashes on: nesting deeper
+    than the parser's recursion (RecursionError), an integer with more digits than Python
+    converts (ValueError), and a number like 1e999999 that is too large for a float (it would
+    come back as inf).
+    """
+    try:
+        return json.loads(text, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        at = f" at line {e.lineno}" if e.lineno > 1 else ""
+        raise FileProblem(f"{where}: invalid JSON ({e.msg}{at})") from None
+    except RecursionError:
+        raise FileProblem(f"{where}: invalid JSON (nested too deeply)") from None
+    except UnicodeDecodeError:  # bytes given that are not UTF-8 (nor UTF-16/32)
+        raise FileProblem(f"{where}: not UTF-8 text") from None
+    except ValueError:  # an integer of thousands of digits, or _finite_float's refusal
+        raise FileProblem(f"{where}: invalid JSON (a number too large)") from None
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number too large: {text[:20]}")
+    return value
+
+
 def read_json(path: str | Path, what: str = "JSON") -> object:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileProblem(f"{path}: no such file") from None
     except IsADirectoryError:
         raise FileProblem(f"{path}: is a directory, expected {what}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise FileProblem(f"{path}: cannot read {what} ({e.__class__.__name__}: {_first_line(e)})") from None
+    return parse_json(text, str(path))
 
 
 def read_state_dict(path: str | Path) -> dict:
@@ -123,8 +165,8 @@ def safetensors_header(path: str | Path) -> tuple[dict, int, int] | None:
     if raw[:1] != b"{":
         return None
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = parse_json(raw, str(path))
+    except FileProblem:  # not JSON, or JSON that no safetensors writer makes (nested deep, huge numbers)
         return None
     return (header, n, size) if isinstance(header, dict) else None
 

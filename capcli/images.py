@@ -7,9 +7,12 @@ Loader threads only decode and resize with Pillow; normalising happens per batch
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import re
+import socket
+import stat
 import struct
 import threading
 import time
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from capcli import __version__
+from capcli.errors import CapcliError
 
 log = logging.getLogger("capcli")
 
@@ -27,8 +31,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 # from their header, before anything is decoded. 0 means no limit.
 MAX_IMAGE_PIXELS = 178_956_970
 
+# Decoded images with more pixels than this are box-reduced towards the size the model needs before
+# their mode is converted: each conversion is a full-size copy (a 13000x13000 RGBA PNG took 2.1 GB, now 0.7).
+SHRINK_ABOVE_PIXELS = 4096 * 4096
+
 URL_TIMEOUT = 30.0  # seconds for a whole download
 URL_MAX_BYTES = 50 * 1024 * 1024
+STDIN_LINE_LIMIT = 16 * 1024  # bytes of one path on stdin (PATH_MAX is 4096 on Linux; URLs may be longer)
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # two letters at least: C:// is a Windows drive
 
 
@@ -47,28 +56,25 @@ def load_image(source: str | Path, draft_size: int | None = None, max_pixels: in
 
     EXIF orientation is applied; grayscale, CMYK, palette, 16-bit and alpha images become RGB
     (transparency composited on white); animated images give their first frame. JPEGs are decoded
-    at the smallest scale (1/2, 1/4, 1/8) still at least ``draft_size`` pixels on each side. Images
-    over ``max_pixels`` (0: no limit) are refused from their header. Raises ImageError with a
-    one-line reason for anything that is not a readable image.
+    at the smallest scale (1/2, 1/4, 1/8) still at least ``draft_size`` pixels on each side, and
+    any image still over SHRINK_ABOVE_PIXELS is reduced towards that size (see _shrink). Images
+    over ``max_pixels`` (0: no limit) are refused from their header; anything but a regular file
+    (a FIFO, a device) is refused unopened. Raises ImageError with a one-line reason for anything
+    that is not a readable image.
     """
     from PIL import Image, UnidentifiedImageError
 
-    if is_url(source):
-        data = fetch_url(source)
-        fp, head = io.BytesIO(data), data[:16]
-    else:
-        fp = Path(source)
-        head = None
+    fp = None
     try:
-        img = _open(fp)
-        with img:
+        fp = io.BytesIO(fetch_url(source)) if is_url(source) else _open_regular_file(source)
+        with _open(fp) as img:
             if max_pixels and img.width * img.height > max_pixels:
                 raise ImageError(f"image too large ({img.width}x{img.height} pixels, more than the limit of "
                                  f"{max_pixels}; see --max-image-pixels)")
             if draft_size:
                 img.draft("RGB", (draft_size, draft_size))  # JPEG only (a no-op for others); before load()
             img.load()
-            return to_rgb(img)
+            return to_rgb(_shrink(img, draft_size) if draft_size else img)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -78,7 +84,7 @@ def load_image(source: str | Path, draft_size: int | None = None, max_pixels: in
     except PermissionError:
         raise ImageError("permission denied") from None
     except UnidentifiedImageError:
-        raise ImageError(_unidentified_reason(head if head is not None else _file_head(fp))) from None
+        raise ImageError(_unidentified_reason(_head(fp))) from None
     except Image.DecompressionBombError:  # a frame or tile over Pillow's own limit, met while decoding
         raise ImageError("image too large for Pillow (see PIL.Image.MAX_IMAGE_PIXELS)") from None
     except OSError as e:
@@ -92,12 +98,65 @@ def load_image(source: str | Path, draft_size: int | None = None, max_pixels: in
         raise ImageError(reason) from None
     except (ValueError, SyntaxError, EOFError, MemoryError) as e:  # Pillow's plugins raise these on bad data
         raise ImageError(f"corrupt image ({e.__class__.__name__}: {e})") from None
+    finally:
+        if fp is not None:
+            fp.close()
+
+
+def _open_regular_file(path: str | Path) -> io.BufferedReader:
+    """Open a local file for reading; ImageError unless it is a regular file. A FIFO would block
+    the open (and the run) until something writes to it, a device such as /dev/zero never ends."""
+    try:
+        kind = os.stat(path).st_mode  # before opening: opening some devices has effects
+    except ValueError:  # os.stat's word for a name with a NUL byte in it
+        raise ImageError("not a file name (it has a NUL byte)") from None
+    if stat.S_ISDIR(kind):
+        raise ImageError("is a directory")
+    if not stat.S_ISREG(kind):
+        raise ImageError("not a regular file")
+    # Non-blocking, should it have become a FIFO since: then the open returns at once and fstat says so.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ImageError("not a regular file")
+    return open(fd, "rb")  # O_NONBLOCK changes nothing for regular files
+
+
+def _head(fp) -> bytes:
+    """The first bytes of an open image file, to say what it is when Pillow cannot."""
+    try:
+        fp.seek(0)
+        return fp.read(16)
+    except (OSError, ValueError):
+        return b"?"
+
+
+def _shrink(img, size: int):
+    """A decoded image of more than SHRINK_ABOVE_PIXELS reduced by an integer factor (the mean of
+    each box of pixels) to at least ``size`` pixels on each side, in its own mode; others as they are.
+    Reduced a strip of rows at a time: Pillow reduces RGBA through a premultiplied full-size copy."""
+    from PIL import Image
+
+    factor = min(img.size) // size
+    if img.width * img.height <= SHRINK_ABOVE_PIXELS or factor < 2 or img.mode in ("1", "P"):
+        return img  # 1-bit and palette images cannot be averaged; they are converted as before
+    small = Image.new(img.mode, (-(-img.width // factor), -(-img.height // factor)))  # rounded up, as reduce()
+    rows = factor * max(1, 4_000_000 // (img.width * factor))  # whole boxes, about 4M pixels a strip
+    for top in range(0, img.height, rows):
+        strip = img.crop((0, top, img.width, min(top + rows, img.height)))
+        if strip.mode.startswith("I;16"):  # reduce() does not take 16-bit modes; a box resize does the same
+            strip = strip.resize((-(-strip.width // factor), -(-strip.height // factor)), Image.BOX)
+        else:
+            strip = strip.reduce(factor)
+        small.paste(strip, (0, top // factor))
+    small.info = dict(img.info, exif=img.getexif().tobytes())  # the orientation: a TIFF's is in the file, not in info
+    return small
 
 
 _OPEN_LOCK = threading.Lock()
 
 
-def _open(fp: Path | io.BytesIO):
+def _open(fp: io.BufferedIOBase):
     """Image.open (reads only the header), without Pillow's size limits: load_image checks the
     size itself, per call, where Pillow's limit is one setting for the whole process."""
     from PIL import Image
@@ -112,18 +171,17 @@ def _open(fp: Path | io.BytesIO):
             return _open_unchecked(fp)
 
 
-def _open_unchecked(fp: Path | io.BytesIO):
+def _open_unchecked(fp: io.BufferedIOBase):
     """Image.open's own loop over the registered formats, minus its size check."""
     from PIL import Image, UnidentifiedImageError
 
-    prefix = fp.getvalue()[:16] if isinstance(fp, io.BytesIO) else _file_head(fp)
+    prefix = _head(fp)
     for fmt in Image.ID:
         factory, accept = Image.OPEN[fmt]
         accepted = accept(prefix) if accept else True
         if accepted and not isinstance(accepted, str):  # a str is Pillow's "almost, but no"
             try:
-                if isinstance(fp, io.BytesIO):
-                    fp.seek(0)
+                fp.seek(0)
                 return factory(fp)
             except (SyntaxError, IndexError, TypeError, struct.error):
                 continue
@@ -131,7 +189,7 @@ def _open_unchecked(fp: Path | io.BytesIO):
 
 
 def fetch_url(url: str) -> bytes:
-    """Download an http(s) URL into memory: at most URL_MAX_BYTES, within about URL_TIMEOUT seconds."""
+    """Download an http(s) URL into memory: at most URL_MAX_BYTES, within URL_TIMEOUT seconds in all."""
     import http.client
     import urllib.error
     import urllib.request
@@ -142,51 +200,111 @@ def fetch_url(url: str) -> bytes:
     too_large = ImageError(f"larger than {URL_MAX_BYTES / 2**20:g} MB")
     timed_out = ImageError(f"timed out after {URL_TIMEOUT:g} s")
     request = urllib.request.Request(url, headers={"User-Agent": f"capcli/{__version__}"})
-    deadline = time.monotonic() + URL_TIMEOUT  # the socket timeout is per read; this bounds the whole
+    deadline = _Deadline(URL_TIMEOUT)
     try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT) as response:
+        with _opener(deadline).open(request, timeout=URL_TIMEOUT) as response:
             length = response.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > URL_MAX_BYTES:
                 raise too_large
             chunks, total = [], 0
-            while chunk := response.read(1 << 16):
+            while chunk := response.read1(1 << 16):  # what has come, not a wait for 64 KB of it
                 total += len(chunk)
                 if total > URL_MAX_BYTES:
                     raise too_large
-                if time.monotonic() > deadline:
-                    raise timed_out
                 chunks.append(chunk)
+        if deadline.expired:  # the connection was shut mid-way: what came is not the whole
+            raise timed_out
     except ImageError:
         raise
-    except urllib.error.HTTPError as e:
-        raise ImageError(f"HTTP {e.code} {e.reason}") from None
-    except urllib.error.URLError as e:  # refused, unknown host, TLS: no response at all
-        if isinstance(e.reason, TimeoutError):
+    except Exception as e:
+        if deadline.expired or isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
             raise timed_out from None
-        reason = getattr(e.reason, "strerror", None) or str(e.reason)
-        raise ImageError(f"cannot connect: {reason[:1].lower() + reason[1:]}") from None
-    except TimeoutError:
-        raise timed_out from None
-    except (http.client.InvalidURL, ValueError) as e:  # spaces, a bad port
-        raise ImageError(f"invalid URL ({e})") from None
-    except (http.client.HTTPException, OSError) as e:  # cut off mid-way
-        raise ImageError(f"download failed ({e.__class__.__name__}: {e})") from None
+        if isinstance(e, urllib.error.HTTPError):
+            raise ImageError(f"HTTP {e.code} {e.reason}") from None
+        if isinstance(e, urllib.error.URLError):  # refused, unknown host, TLS: no response at all
+            reason = getattr(e.reason, "strerror", None) or str(e.reason)
+            raise ImageError(f"cannot connect: {reason[:1].lower() + reason[1:]}") from None
+        if isinstance(e, (http.client.InvalidURL, ValueError)):  # spaces, a bad port
+            raise ImageError(f"invalid URL ({e})") from None
+        if isinstance(e, (http.client.HTTPException, OSError)):  # cut off mid-way
+            raise ImageError(f"download failed ({e.__class__.__name__}: {e})") from None
+        raise
+    finally:
+        deadline.close()
     if not chunks:
         raise ImageError("empty response")
     return b"".join(chunks)
 
 
+class _Deadline:
+    """Ends one download at a fixed time, whatever it is waiting for: the connection, TLS, headers,
+    or a body that comes a byte at a time (a socket timeout bounds each read, never their sum). At
+    the deadline every socket of the download is shut down, so its blocked read returns at once."""
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def connect(self, address, timeout=None, source_address=None) -> socket.socket:
+        """socket.create_connection for http.client, with the connection watched."""
+        sock = socket.create_connection(address, max(self.end - time.monotonic(), 0.001), source_address)
+        with self._lock:
+            # TLS takes this socket's descriptor over; a duplicate shuts the same connection down.
+            self._sockets.append(sock.dup())
+            if self.expired:
+                self._sockets[-1].shutdown(socket.SHUT_RDWR)
+        return sock
+
+    def connection(self, kind):
+        """An http.client connection class (HTTPConnection, HTTPSConnection) whose sockets this watches."""
+        def make(*args, **kwargs):
+            conn = kind(*args, **kwargs)
+            conn._create_connection = self.connect  # http.client's hook for making its socket
+            return conn
+        return make
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:  # already closed by the other end
+                    pass
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+
+def _opener(deadline: _Deadline):
+    """urllib's opener (proxies and redirects as urlopen's) with its connections watched by ``deadline``."""
+    import http.client
+    import urllib.request
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(deadline.connection(http.client.HTTPConnection), req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):  # http.client's default context: certificates and host names checked
+            return self.do_open(deadline.connection(http.client.HTTPSConnection), req)
+
+    handlers = [HTTPHandler] + ([HTTPSHandler] if hasattr(http.client, "HTTPSConnection") else [])
+    return urllib.request.build_opener(*handlers)
+
+
 # Signatures of the common image formats: a file that starts like one but that Pillow cannot
 # identify is a damaged image (cut off within its header), not some other kind of file.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
-
-
-def _file_head(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(16)
-    except OSError:
-        return b"?"
 
 
 def _unidentified_reason(head: bytes) -> str:
@@ -204,6 +322,17 @@ def to_rgb(img):
     return _mode_to_rgb(ImageOps.exif_transpose(img))
 
 
+def given_to_rgb(img):
+    """A PIL image a caller passed (not read by load_image) -> RGB, or ImageError saying why that
+    one image cannot be used, so that it fails alone and not the batch it came in."""
+    if img.width == 0 or img.height == 0:
+        raise ImageError(f"empty image ({img.width}x{img.height} pixels)")
+    try:
+        return to_rgb(img)
+    except Exception as e:  # anything Pillow raises about this image: lazily opened and truncated, an odd mode
+        raise ImageError(f"cannot use this {img.mode} image ({e.__class__.__name__}: {e})") from None
+
+
 def _mode_to_rgb(img):
     from PIL import Image
 
@@ -218,7 +347,9 @@ def _mode_to_rgb(img):
         img = img.point(lambda v: (v - lo) * (255.0 / max(hi - lo, 1e-12))).convert("L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if img.mode == "La":  # premultiplied, which Pillow converts only to LA
+        img = img.convert("LA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa"):
         img = img.convert("RGBA")
         background = Image.new("RGB", img.size, (255, 255, 255))
         background.paste(img, mask=img.getchannel("A"))
@@ -263,14 +394,10 @@ def expand_paths(inputs: Iterable[str]) -> Iterator[Path | str]:
     (see walk_images). Symbolic links are followed, each real directory visited once, so a link
     loop ends.
     """
-    import sys
-
     for item in inputs:
         if item == "-":
-            for line in sys.stdin:
-                line = line.rstrip("\r\n")
-                if line:
-                    yield from expand_paths([line])
+            for line in stdin_lines():
+                yield from expand_paths([line])
             continue
         if is_url(item):
             yield item  # never Path(item): that turns https://host into https:/host
@@ -280,6 +407,26 @@ def expand_paths(inputs: Iterable[str]) -> Iterator[Path | str]:
             yield from walk_images(path)
         else:
             yield path
+
+
+def stdin_lines() -> Iterator[str]:
+    """The non-empty lines of stdin as file names, read as bytes: split at newlines only (a name
+    may hold a carriage return or a U+2028; a CRLF list's last \\r is dropped), bytes that are not
+    UTF-8 kept as os.fsdecode keeps them, and no line longer than STDIN_LINE_LIMIT read into memory
+    (``- < /dev/zero`` is refused at once)."""
+    import sys
+
+    for number in itertools.count(1):
+        line = sys.stdin.buffer.readline(STDIN_LINE_LIMIT + 1)  # + 1: room for the newline
+        if not line:
+            return
+        if len(line) > STDIN_LINE_LIMIT and not line.endswith(b"\n"):
+            raise CapcliError(f"stdin line {number}: longer than {STDIN_LINE_LIMIT} bytes: not a file name or URL "
+                              f"(give one per line)")
+        line = line[:-1] if line.endswith(b"\n") else line
+        line = line[:-1] if line.endswith(b"\r") else line
+        if line:
+            yield os.fsdecode(line)
 
 
 def walk_images(root: Path) -> Iterator[str]:
@@ -344,13 +491,14 @@ def image_batches(
     def work(item):
         try:
             if isinstance(item, Image.Image):
-                return image_to_pixels(to_rgb(item), size)
+                return image_to_pixels(given_to_rgb(item), size)
             return image_to_pixels(load_image(item, draft_size=size, max_pixels=max_pixels), size)
         except ImageError as e:
             return e
 
     source = iter(images)
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="capcli-images") as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="capcli-images")
+    try:
         def submit() -> list:
             return [(item, pool.submit(work, item)) for item in islice(source, batch_size)]
 
@@ -359,3 +507,7 @@ def image_batches(
             upcoming = submit() if overlap else None
             yield [(item, future.result()) for item, future in pending]
             pending = upcoming if overlap else submit()
+    finally:
+        # Stopped early (Ctrl-C, an error, the caller's break): drop the images not started rather
+        # than load every queued one first; those loading finish on their own (a download within URL_TIMEOUT).
+        pool.shutdown(wait=False, cancel_futures=True)

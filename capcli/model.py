@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from capcli.choices import check_names
+from capcli.choices import MODEL_LIMITS, check_names, model_setting_problem, shown
 from capcli.encoders import Encoder
 from capcli.errors import CapcliError
 
@@ -43,15 +43,34 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
+        """The config a model file holds, checked (``validate``) before anything is built from it."""
+        if "vocab_size" not in data:
+            raise CapcliError("model config: no vocab_size")
         known = {f.name for f in fields(cls)}
         cfg = cls(**{k: v for k, v in data.items() if k in known})
-        cfg.mean, cfg.std = tuple(cfg.mean), tuple(cfg.std)
+        for name in ("mean", "std"):
+            value = getattr(cfg, name)
+            if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(x) for x in value)):
+                raise CapcliError(f"model config: {name} must be a list of 3 numbers, not {shown(value)}")
+            setattr(cfg, name, tuple(value))
+        cfg.validate()
         return cfg
 
     def validate(self) -> None:
+        """Known names, and sizes within choices.MODEL_LIMITS: a config never asks for more than capcli can train."""
+        for name in ("encoder", "attention", "rnn"):
+            if not isinstance(getattr(self, name), str):
+                raise CapcliError(f"model config: {name} must be a name, not {shown(getattr(self, name))}")
         check_names(self.encoder, self.attention, self.rnn)
-        if self.image_size < 32 or self.grid < 0:
-            raise CapcliError("image size must be >= 32 and grid >= 0")
+        for name in (*MODEL_LIMITS, "dropout"):
+            if problem := model_setting_problem(name, getattr(self, name), name):
+                raise CapcliError(f"model config: {problem}")
+        if isinstance(self.feature_dim, bool) or not isinstance(self.feature_dim, int) or self.feature_dim < 0:
+            raise CapcliError(f"model config: feature_dim must be a whole number, not {shown(self.feature_dim)}")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 # =========================================================================== attention

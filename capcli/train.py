@@ -33,11 +33,11 @@ from capcli.errors import CapcliError
 from capcli.evaluate import CIDER_SELECTION, SELECTION, validation_scores
 from capcli.feature_cache import build_feature_cache, cache_key
 from capcli.feature_sources import CachedFeatures, CaptionSet, EncodedImages, length_bucketed_batches
-from capcli.files import atomic_write, atomic_write_bytes
+from capcli.files import FileProblem, atomic_write, atomic_write_bytes, read_json
 from capcli.model import CaptionModel, ModelConfig, caption_loss
 from capcli.progress import Reporter
 from capcli.sampling import DecodeOptions, decode, greedy
-from capcli.signals import defer_sigint, ignore_sigint
+from capcli.signals import StopSignals, exit_code, signal_name, stop_signal
 from capcli.tokenizers import DEFAULT_DECODE_LEN
 from capcli.train_config import RESUMABLE, TrainConfig
 from capcli.vocab import PAD, Vocab
@@ -47,7 +47,12 @@ log = logging.getLogger("capcli")
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C: a checkpoint was saved (or the features cached so far kept); the CLI exits 130."""
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP): a checkpoint was saved (or the features cached so far
+    kept); the CLI exits with ``exit_code``, 128 + the signal's number."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -130,6 +135,32 @@ class _TrainNet(torch.nn.Module):
         return self.decoder(x, padded, lengths)  # (N, T, V), (N, T, L)
 
 
+def _reason(e: OSError) -> str:
+    """An OSError's reason in capcli's words: "read-only file system", "no space left on device"."""
+    text = e.strerror or str(e) or e.__class__.__name__
+    return text[:1].lower() + text[1:]
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
+    """Load a saved gradient scaler's state where both sides have one. A run saved without a
+    scaler (fp32, bf16) and resumed with fp16 starts a fresh one; a disabled scaler ignores one."""
+    if saved and scaler.is_enabled():
+        scaler.load_state_dict(saved)
+
+
+def restore_cuda_rng(saved, device: torch.device) -> None:
+    """Restore the training GPU's random generator. Runs saved by older capcli hold a list with
+    every GPU that was visible then: the entry of this device's index is the one that trained."""
+    if device.type != "cuda" or saved is None:
+        return
+    if isinstance(saved, (list, tuple)):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(saved):
+            return
+        saved = saved[index]
+    torch.cuda.set_rng_state(saved, device)
+
+
 def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
     """Dropout seed of one step of one rank under DDP: reproducible, and so resumable, without saving RNG states."""
     return (seed * 100_003 + epoch) * 1_000_003 + step * 1009 + rank
@@ -159,6 +190,9 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)  # the encoder's
         self.decoder_precision = decoder_precision(self.precision, self.device)
         self.sync_checks = 0  # steps checked by CAPCLI_DEBUG_SYNC_CHECK
+        # Stop signals raise at once while setting up (the feature cache keeps what it has) and are
+        # deferred to the next step boundary while training (see run); entered by train()/resume().
+        self.stops = StopSignals()
 
     # ---------------------------------------------------------------- set-up
     def setup(self) -> None:
@@ -174,17 +208,20 @@ class Trainer:
             for name, value in distributed.on_main(ctx, read_init).items():
                 setattr(cfg, name, value)
             cfg.validate()  # e.g. --scst-after with a char model
-        self.run_dir.mkdir(parents=True, exist_ok=True)  # every rank: the feature cache lives here
-        log.info("%s", precision_note(cfg.precision, self.precision, self.device))
-        cfg.precision = self.precision  # the run's config records what ran
-        if ctx.is_main:
-            atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
-
+        # The data first: a run that cannot start leaves no run folder behind.
         dataset = load_dataset(cfg.data, captions_file=cfg.captions, images_dir=cfg.images,
                                split_ratios=parse_split_ratios(cfg.split) if cfg.split else None)
         samples, self.split_source = dataset.samples, dataset.split_source
         if split_counts(samples)["train"] == 0:
             raise CapcliError(f"{cfg.data or cfg.captions}: the train split is empty")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # every rank: the feature cache lives here
+        except OSError as e:
+            raise CapcliError(f"{self.run_dir}: cannot create the run folder ({_reason(e)})") from None
+        log.info("%s", precision_note(cfg.precision, self.precision, self.device))
+        cfg.precision = self.precision  # the run's config records what ran
+        if ctx.is_main:
+            atomic_write_bytes(self.run_dir / "config.json", json.dumps(cfg.to_dict(), indent=1).encode())
         self.vocab = distributed.on_main(ctx, lambda: self._vocabulary(samples))
 
         self.model = CaptionModel(model_config(cfg, len(self.vocab)))
@@ -215,9 +252,11 @@ class Trainer:
         else:
             try:
                 self.source = CachedFeatures(self._build_cache(paths), self.device)
-            except KeyboardInterrupt:
-                raise TrainingInterrupted(f"interrupted while caching features; the images cached so far are kept; "
-                                          f"continue with: {self._again()}") from None
+            except KeyboardInterrupt as e:
+                signum = stop_signal(e)
+                raise TrainingInterrupted(f"interrupted by {signal_name(signum)} while caching features; the images "
+                                          f"cached so far are kept; continue with: {self._again()}",
+                                          exit_code(signum)) from None
         self.bad_reported = len(self.source.bad)  # unreadable images warned about so far
         self.train_set = self._encode_captions(self.train_samples, 0)
         self.val_set = self._encode_captions(self.val_samples, len(self.train_samples))
@@ -352,35 +391,28 @@ class Trainer:
             "phase": self.phase, "epoch_sums": dict(self.epoch_sums), "history": list(self.history),
             "bad_images": {str(k): v for k, v in self.source.bad.items()},
             "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            # The training GPU's generator only: a resume may see fewer GPUs than the run did.
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
-
-    def _rng_state(self) -> tuple:
-        return torch.get_rng_state(), (torch.cuda.get_rng_state() if self.device.type == "cuda" else None)
-
-    def _set_rng_state(self, cpu: torch.Tensor, cuda: torch.Tensor | None) -> None:
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
 
     def _read_state(self) -> dict:
         meta = checkpoint.read_metadata(self.run_dir / "last.safetensors")
-        cid = json.loads(meta.get("training") or "{}").get("checkpoint_id")
+        cid = checkpoint.training_record(meta).get("checkpoint_id")
         return checkpoint.load_train_state(self.run_dir / f"last.state-{cid}.pt")
 
     def _restore_state(self) -> None:
         state = distributed.on_main(self.ctx, self._read_state)  # rank 0 reads, every rank restores
         self.phase = state.get("phase", "xe")
         self.optimizer.load_state_dict(state["optimizer"])  # the learning rates too, the phase's
-        self.scaler.load_state_dict(state["scaler"])
+        restore_scaler(self.scaler, state.get("scaler") or {})
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
         self.epoch_sums = {**self._new_sums(), **state["epoch_sums"]}
         self.history = list(state.get("history", []))
         self.source.bad.update({int(k): v for k, v in state.get("bad_images", {}).items()})
-        torch.set_rng_state(state["rng"])  # under DDP dropout is seeded per step instead
-        if state["cuda_rng"] and torch.cuda.is_available() and not self.ctx.enabled:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.set_rng_state(state["rng"])
+        if not self.ctx.enabled:  # under DDP dropout is seeded per step instead
+            restore_cuda_rng(state.get("cuda_rng"), self.device)
         where = f"epoch {self.epoch + 1}, step {self.step_in_epoch}" if self.step_in_epoch else f"after epoch {self.epoch}"
         log.info("resuming %s (%s)", self.run_dir, where)
 
@@ -410,16 +442,29 @@ class Trainer:
         """
         if not self.ctx.is_main:
             return
+        try:
+            self._write_checkpoint(best)
+        except OSError as e:  # a full disk, a quota, a folder made read-only: the previous checkpoint is whole
+            where = f": {e.filename}" if e.filename else ""
+            raise CapcliError(f"{_reason(e)}{where}; the previous checkpoint is kept: make room and continue with: "
+                              f"{self._again()}", exit_code=1) from None
+
+    def _write_checkpoint(self, best: bool) -> None:
         summary = self._summary()
         if best:
             checkpoint.save_model(self.run_dir / "best.safetensors", self.model, self.vocab,
                                   encoder_weights=self.weights_source, training=summary)
         cid = f"{self.epoch}-{self.step_in_epoch}-{int(time.time() * 1000)}"
-        checkpoint.save_train_state(self.run_dir / f"last.state-{cid}.pt", self._state())
-        checkpoint.save_model(self.run_dir / "last.safetensors", self.model, self.vocab,
-                              encoder_weights=self.weights_source, training={**summary, "checkpoint_id": cid})
+        state_path = self.run_dir / f"last.state-{cid}.pt"
+        checkpoint.save_train_state(state_path, self._state())
+        try:
+            checkpoint.save_model(self.run_dir / "last.safetensors", self.model, self.vocab,
+                                  encoder_weights=self.weights_source, training={**summary, "checkpoint_id": cid})
+        except BaseException:
+            state_path.unlink(missing_ok=True)  # no last.safetensors names it
+            raise
         for old in self.run_dir.glob("last.state-*.pt"):
-            if old.name != f"last.state-{cid}.pt":
+            if old != state_path:
                 old.unlink(missing_ok=True)
         atomic_write_bytes(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
         save_curves(self.run_dir / "curves.png", self.history, self.selection[0] if self.val_samples else "train_loss",
@@ -427,6 +472,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def run(self) -> dict:
+        """Train until --epochs, an early stop, or a stop signal. Signals are deferred to the next
+        step boundary (or the end of the epoch's validation and saves): the run saves a whole
+        checkpoint there and raises TrainingInterrupted. Under torchrun the ranks agree on the
+        step to stop at, so the checkpoint is one they all reached."""
         cfg, ctx = self.cfg, self.ctx
         if self.epoch >= cfg.epochs:
             log.info("already trained %d epochs (raise --epochs to go on)", self.epoch)
@@ -434,79 +483,82 @@ class Trainer:
         if self.bad_epochs >= cfg.patience:
             log.info("this run stopped early after epoch %d", self.epoch)
             return self._summary()
-        if cfg.init and not self.history and self.val_samples:
-            try:
-                with defer_sigint():
-                    self._score_start()
-            except KeyboardInterrupt:
-                self._interrupted("while scoring the --init model")
-        last_save = time.time()
-        while self.epoch < cfg.epochs:
-            epoch = self.epoch + 1
-            g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # the same global batches on every rank
-            if self.phase == "scst":  # by image: --batch-size sampled captions, K per image
-                images = sorted(set(self.train_set.image))  # the same on every rank
-                batches = scst.image_batches(images, max(1, cfg.batch_size // cfg.scst_samples), g)
-            else:
-                batches = self.source.batches(self.train_set, cfg.batch_size, g)  # each step takes this rank's slice
-            step = self._scst_step if self.phase == "scst" else self._train_step
-            if self.step_in_epoch == 0:
-                torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and sampling: reproducible per epoch
-                self.epoch_sums = self._new_sums()
-            self.net.train()
-            self.reporter.start(f"epoch {epoch}/{cfg.epochs}", len(batches), unit="batches")
-            if self.step_in_epoch:
-                self.reporter.update(self.step_in_epoch)
-            step_before, rng_before = -1, None
-            try:
-                t_start, seconds_before = time.time(), self.epoch_sums["seconds"]
-                for batch in batches[self.step_in_epoch:]:
-                    if ctx.enabled:
-                        torch.manual_seed(_step_seed(cfg.seed, epoch, self.step_in_epoch, ctx.rank))
-                    step_before, rng_before = self.step_in_epoch, self._rng_state()
-                    step(batch)  # also counts the step
-                    if distributed.sync_check_enabled():
-                        distributed.check_in_sync(ctx, self.model, f"epoch {epoch} step {self.step_in_epoch}")
-                        self.sync_checks += 1
-                    self.epoch_sums["seconds"] = seconds_before + time.time() - t_start
-                    s = self.epoch_sums
-                    if self.phase == "scst":
-                        self.reporter.update(1, reward=s["reward"] / max(s["captions"], 1),
-                                             entropy=s["entropy"] / max(s["tokens"], 1),
-                                             captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
-                    else:
-                        self.reporter.update(1, loss=s["nll"] / max(s["words"], 1),
-                                             ppl=math.exp(min(s["nll"] / max(s["words"], 1), 50)),
-                                             captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
-                    if cfg.save_every and time.time() - last_save > 60 * cfg.save_every:
-                        self.save()
-                        last_save = time.time()
-            except KeyboardInterrupt:
-                self.reporter.stop()
-                if rng_before is not None and self.step_in_epoch == step_before:
-                    self._set_rng_state(*rng_before)  # stopped inside a step: undo its dropout draws
-                with ignore_sigint():
-                    self.save()  # rank 0 alone, no collective: the others may already be gone
-                self._interrupted(f"in epoch {epoch} at step {self.step_in_epoch}")
-            self.reporter.stop()
-            try:
-                with defer_sigint():  # validation and saves finish; then Ctrl-C stops the run
-                    stop = self._end_epoch(epoch)
-            except KeyboardInterrupt:
-                self._interrupted(f"after epoch {epoch}")
+        with self.stops.deferred():
+            if cfg.init and not self.history and self.val_samples:
+                self._score_start()
+                self._stop_if_signalled("while scoring the --init model")
             last_save = time.time()
-            if stop:
-                break
+            while self.epoch < cfg.epochs:
+                epoch = self.epoch + 1
+                self._run_epoch(epoch, last_save)
+                stop = self._end_epoch(epoch)  # validation and saves finish before a signal is acted on
+                last_save = time.time()
+                if stop or self.epoch >= cfg.epochs:
+                    break  # the run is complete: a signal now changes nothing
+                self._stop_if_signalled(f"after epoch {epoch}")
         if self.sync_checks:
             log.info("sync check: the parameters of all %d processes were identical after each of %d steps",
                      ctx.world_size, self.sync_checks)
         return self._summary()
 
-    def _interrupted(self, where: str):
+    def _run_epoch(self, epoch: int, last_save: float) -> None:
+        """The training steps of ``epoch`` from ``step_in_epoch`` on, saving every --save-every minutes."""
+        cfg, ctx = self.cfg, self.ctx
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # the same global batches on every rank
+        if self.phase == "scst":  # by image: --batch-size sampled captions, K per image
+            images = sorted(set(self.train_set.image))  # the same on every rank
+            batches = scst.image_batches(images, max(1, cfg.batch_size // cfg.scst_samples), g)
+        else:
+            batches = self.source.batches(self.train_set, cfg.batch_size, g)  # each step takes this rank's slice
+        step = self._scst_step if self.phase == "scst" else self._train_step
+        if self.step_in_epoch == 0:
+            torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and sampling: reproducible per epoch
+            self.epoch_sums = self._new_sums()
+        self.net.train()
+        self.reporter.start(f"epoch {epoch}/{cfg.epochs}", len(batches), unit="batches")
+        if self.step_in_epoch:
+            self.reporter.update(self.step_in_epoch)
+        # Seconds of this process only: a resumed epoch's earlier steps count their own time, not
+        # the hours between the stop and the resume.
+        t_start, seconds_before = time.time(), self.epoch_sums["seconds"]
+        for batch in batches[self.step_in_epoch:]:
+            self._stop_if_signalled(f"in epoch {epoch} at step {self.step_in_epoch}")
+            if ctx.enabled:
+                torch.manual_seed(_step_seed(cfg.seed, epoch, self.step_in_epoch, ctx.rank))
+            step(batch)  # also counts the step
+            if distributed.sync_check_enabled():
+                distributed.check_in_sync(ctx, self.model, f"epoch {epoch} step {self.step_in_epoch}")
+                self.sync_checks += 1
+            self.epoch_sums["seconds"] = seconds_before + time.time() - t_start
+            s = self.epoch_sums
+            if self.phase == "scst":
+                self.reporter.update(1, reward=s["reward"] / max(s["captions"], 1),
+                                     entropy=s["entropy"] / max(s["tokens"], 1),
+                                     captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
+            else:
+                self.reporter.update(1, loss=s["nll"] / max(s["words"], 1),
+                                     ppl=math.exp(min(s["nll"] / max(s["words"], 1), 50)),
+                                     captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
+            if cfg.save_every and time.time() - last_save > 60 * cfg.save_every:
+                self.save()
+                last_save = time.time()
+        self.reporter.stop()
+
+    def _stop_if_signalled(self, where: str) -> None:
+        """At a boundary: if a stop signal came (to any rank, under torchrun), save and raise
+        TrainingInterrupted, on every rank at the same step."""
+        signum = self.stops.received or 0
+        if self.ctx.enabled:  # one small all-reduce per step: the ranks stop at the same step
+            signum = int(distributed.all_reduce_max(self.ctx, torch.tensor([signum], device=self.device))[0])
+        if not signum:
+            return
+        self.reporter.stop()
+        self.save()  # rank 0; a second signal while it runs is only noted
         if not self.ctx.is_main:
-            raise TrainingInterrupted(f"interrupted (rank {self.ctx.rank}; rank 0 saves the checkpoint)") from None
-        raise TrainingInterrupted(f"interrupted {where}; saved {self.run_dir / 'last.safetensors'}; "
-                                  f"continue with: {self._again()}") from None
+            raise TrainingInterrupted(f"interrupted by {signal_name(signum)} (rank {self.ctx.rank}; rank 0 saved the "
+                                      f"checkpoint)", exit_code(signum))
+        raise TrainingInterrupted(f"interrupted {where} by {signal_name(signum)}; saved {self.run_dir / 'last.safetensors'}; "
+                                  f"continue with: {self._again()}", exit_code(signum))
 
     def _train_step(self, batch: list[int]) -> None:
         """One optimizer step on global batch ``batch``; under DDP this rank computes its slice of it.
@@ -539,19 +591,18 @@ class Trainer:
     def _update(self, totals: dict) -> None:
         """The optimizer step after backward; counts the step and adds ``totals`` to the epoch's sums.
 
-        No more waiting on other processes from here on; Ctrl-C waits for the update and the step
-        count to agree, so that a checkpoint saved on Ctrl-C resumes exactly.
+        A stop signal is acted on between steps (see run), never inside one, so the weights, the
+        optimizer and the step count of a saved checkpoint always agree.
         """
         cfg = self.cfg
-        with defer_sigint():
-            if cfg.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.step_in_epoch += 1
-            for k, v in totals.items():
-                self.epoch_sums[k] += v
+        if cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step_in_epoch += 1
+        for k, v in totals.items():
+            self.epoch_sums[k] += v
 
     def _scst_step(self, batch: list[int]) -> None:
         """One self-critical step on global batch ``batch`` of train images (rows of the source):
@@ -758,8 +809,9 @@ def train(cfg: TrainConfig, reporter: Reporter | None = None, explicit: set[str]
 
     def run(ctx: DistContext) -> dict:
         trainer = Trainer(cfg, reporter, ctx=ctx, explicit=explicit)
-        trainer.setup()
-        return trainer.run()
+        with trainer.stops:
+            trainer.setup()
+            return trainer.run()
 
     return _distributed(run, Path(cfg.output))
 
@@ -781,11 +833,27 @@ def resume(run_dir: str | Path, changes: dict | None = None, reporter: Reporter 
         if not config_path.is_file():
             raise CapcliError(f"{run_dir}: not a capcli run folder (no config.json)")
         try:
-            data = json.loads(config_path.read_text())
-            TrainConfig.from_dict(data)
+            data = read_json(config_path, "run configuration")
+            settings = TrainConfig.from_dict(data)
+        except FileProblem as e:  # not JSON, nested too deeply, a huge number
+            raise CapcliError(str(e)) from None
         except (ValueError, TypeError) as e:
             raise CapcliError(f"{config_path}: damaged run configuration ({e})") from None
-        return data, (run_dir / "last.safetensors").is_file()
+        has_checkpoint = (run_dir / "last.safetensors").is_file()
+        if has_checkpoint:  # config.json and vocab.json must still be last.safetensors' own (edited by hand?)
+            vocab = Vocab.load(run_dir / "vocab.json")
+            checkpoint.check_same_model(run_dir / "last.safetensors", model_config(settings, len(vocab)), vocab,
+                                        config_path, run_dir / "vocab.json")
+        else:
+            # Stopped before its first checkpoint (while caching features): it starts over, reusing
+            # the features. A run that has saved epochs and lost last.safetensors cannot continue
+            # exactly, and starting over would overwrite its best model and metrics.
+            saved = [name for name in ("best.safetensors", "metrics.jsonl") if (run_dir / name).exists()]
+            if saved:
+                raise CapcliError(f"{run_dir / 'last.safetensors'}: missing, but the run has saved epochs "
+                                  f"({' and '.join(saved)}): it cannot resume; start a new run with -o "
+                                  f"(or --init {run_dir / 'best.safetensors'} to start from its best model)")
+        return data, has_checkpoint
 
     def run(ctx: DistContext) -> dict:
         data, has_checkpoint = distributed.on_main(ctx, read_config)  # the run folder may be on rank 0's disk only
@@ -798,7 +866,8 @@ def resume(run_dir: str | Path, changes: dict | None = None, reporter: Reporter 
         # Stopped before the first checkpoint (e.g. while caching features): start over with the
         # same settings; the features cached so far are reused.
         trainer = Trainer(cfg, reporter, resume=has_checkpoint, ctx=ctx)
-        trainer.setup()
-        return trainer.run()
+        with trainer.stops:
+            trainer.setup()
+            return trainer.run()
 
     return _distributed(run, run_dir)

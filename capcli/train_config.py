@@ -6,9 +6,10 @@ name; this module imports no torch, so `capcli train --help` stays fast.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
-from capcli.choices import check_names
+from capcli.choices import MODEL_LIMITS, check_names, model_setting_problem, shown
 from capcli.errors import CapcliError
 from capcli.tokenizers import TOKENIZERS
 
@@ -66,8 +67,11 @@ class TrainConfig:
     save_every: float = 10.0  # minutes between saves within an epoch (0: only at epoch ends)
 
     def validate(self) -> None:
-        """Check the names before any data is read or any file is written."""
+        """Check the names and the model's sizes before any data is read or any file is written."""
         check_names(self.encoder, self.attention, self.rnn)
+        for name in _MODEL_SIZES:
+            if problem := model_setting_problem(name, getattr(self, name), "--" + name.replace("_", "-")):
+                raise CapcliError(problem)
         if self.tokenizer not in TOKENIZERS:
             raise CapcliError(f"unknown tokenizer {self.tokenizer!r} (choose {', '.join(TOKENIZERS)})")
         if self.data is None and self.captions is None:
@@ -88,10 +92,17 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        data = {_RENAMED.get(k, k): v for k, v in data.items()}
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: object) -> "TrainConfig":
+        """The settings a run's config.json holds. The file may have been edited: a ValueError names
+        the first setting of the wrong type or out of range, before anything is built from it."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        types = {f.name: f.type for f in fields(cls)}  # e.g. "int | None" (annotations are strings here)
+        settings = {name: value for name, value in ((_RENAMED.get(k, k), v) for k, v in data.items()) if name in types}
+        for name, value in settings.items():
+            if problem := _setting_problem(name, value, types[name].split(" | ")):
+                raise ValueError(problem)
+        return cls(**settings)
 
 
 # config.json of runs started by capcli 0.1.0 used these names
@@ -99,3 +110,32 @@ _RENAMED = {"out": "output", "save_every_minutes": "save_every"}
 
 # What --resume may change; everything else is the run's own and stays as it was.
 RESUMABLE = ("epochs", "patience", "device", "precision", "workers", "save_every", "max_bad_fraction")
+
+# The model sizes that choices.MODEL_LIMITS bounds (the vocabulary's size comes from the data).
+_MODEL_SIZES = tuple(name for name in (*MODEL_LIMITS, "dropout") if name != "vocab_size")
+# Settings that must be at least 1, as the CLI's options are; every other number but the seed is at least 0.
+_COUNTS = ("epochs", "batch_size", "patience", "val_beam", "scst_samples", "workers", "min_freq", "max_len")
+_KIND_WORDS = {"str": "a string", "int": "a whole number", "float": "a number", "bool": "true or false", "None": "null"}
+
+
+def _setting_problem(name: str, value: object, kinds: list[str]) -> str | None:
+    """Why a config.json setting annotated ``kinds`` cannot be ``value``, or None."""
+    if not _is_of(value, kinds):
+        return f"{name} must be {' or '.join(_KIND_WORDS[k] for k in kinds)}, not {shown(value)}"
+    if name in _MODEL_SIZES:
+        return model_setting_problem(name, value, name)
+    least = 1 if name in _COUNTS else 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "seed" and value < least:
+        return f"{name} {shown(value)} must be at least {least}"
+    return None
+
+
+def _is_of(value: object, kinds: list[str]) -> bool:
+    """Whether a JSON value fits a field annotated with ``kinds`` (a bool is not a number, nor NaN or inf)."""
+    if isinstance(value, bool):
+        return "bool" in kinds
+    if isinstance(value, int):
+        return "int" in kinds or "float" in kinds
+    if isinstance(value, float):
+        return "float" in kinds and math.isfinite(value)
+    return (value is None and "None" in kinds) or (isinstance(value, str) and "str" in kinds)

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from capcli.choices import MODEL_LIMITS, shown
 from capcli.errors import CapcliError
 from capcli.files import FileProblem, atomic_write_bytes, read_json
 from capcli.tokenizers import DEFAULT_MAX_LEN, check_tokenizer, detokenize, tokenize
 
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 PAD, START, END, UNK = range(4)
+MAX_TOKENS = MODEL_LIMITS["vocab_size"][1]
+
+# What no token may hold: control characters (C0, DEL, C1 with U+0085), the line and paragraph
+# separators, and lone surrogates. Written in a caption they would break or forge output lines (a
+# token "\nb.jpg\tx"), and a lone surrogate cannot be written as UTF-8 at all. Spaces are fine: a
+# char model's alphabet holds " ".
+_UNWRITABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 @dataclass
@@ -31,6 +40,12 @@ class Vocab:
             raise CapcliError(str(e)) from None
         if tuple(self.words[:4]) != SPECIALS:
             raise CapcliError(f"vocabulary must start with {' '.join(SPECIALS)}")
+        if len(self.words) > MAX_TOKENS:  # before anything is built from them
+            raise CapcliError(f"vocabulary has {len(self.words)} tokens, more than capcli's limit of {MAX_TOKENS}")
+        if _UNWRITABLE.search("".join(self.words)):  # one search over all: fast for big vocabularies
+            i, token = next((i, w) for i, w in enumerate(self.words) if _UNWRITABLE.search(w))
+            char = _UNWRITABLE.search(token).group()
+            raise CapcliError(f"vocabulary token {i} ({shown(token)}) holds a control character (U+{ord(char):04X})")
         self.index = {w: i for i, w in enumerate(self.words)}
         if len(self.index) != len(self.words):
             raise CapcliError("vocabulary has duplicate words")
@@ -50,7 +65,9 @@ class Vocab:
         if min_freq is None:
             min_freq = 5 if tokenizer == "word" else 1
         counts = Counter(w for c in captions for w in tokenize(c, tokenizer))
-        kept = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
+        # A caption's control characters (e.g. a NUL in a char model's data) stay out: they read as <unk>
+        kept = sorted((w for w, n in counts.items() if n >= min_freq and not _UNWRITABLE.search(w)),
+                      key=lambda w: (-counts[w], w))
         return cls(list(SPECIALS) + kept, dict(counts), min_freq, max_len or DEFAULT_MAX_LEN[tokenizer], tokenizer)
 
     def tokenize(self, text: str) -> list[str]:
@@ -90,20 +107,18 @@ class Vocab:
     @classmethod
     def from_json(cls, data: object, source: str = "vocabulary") -> "Vocab":
         bad = CapcliError(f"{source}: not a capcli vocabulary (expected JSON with a 'words' list)")
-        if not (isinstance(data, dict) and isinstance(data.get("words"), list) and all(isinstance(w, str) for w in data["words"])):
+        if not (isinstance(data, dict) and isinstance(data.get("words"), list)):
+            raise bad
+        counts, min_freq, max_len = data.get("counts", {}), data.get("min_freq", 1), data.get("max_len", 50)
+        tokenizer = data.get("tokenizer", "word")  # files written before capcli 0.3 hold words
+        if not (all(isinstance(w, str) for w in data["words"]) and isinstance(counts, dict)
+                and all(_is_count(n) for n in counts.values()) and _is_count(min_freq) and min_freq >= 1
+                and _is_count(max_len) and max_len >= 1 and isinstance(tokenizer, str)):
             raise bad
         try:
-            return cls(
-                list(data["words"]),
-                {str(k): int(v) for k, v in dict(data.get("counts", {})).items()},
-                int(data.get("min_freq", 1)),
-                int(data.get("max_len", 50)),
-                str(data.get("tokenizer", "word")),  # files written before capcli 0.3 hold words
-            )
+            return cls(list(data["words"]), dict(counts), min_freq, max_len, tokenizer)
         except CapcliError as e:
             raise CapcliError(f"{source}: {e.message}") from None
-        except (KeyError, TypeError, ValueError, AttributeError):
-            raise bad from None
 
     def save(self, path: str | Path) -> None:
         atomic_write_bytes(Path(path), json.dumps(self.to_json(), ensure_ascii=False, indent=1).encode())
@@ -115,3 +130,7 @@ class Vocab:
         except FileProblem as e:
             raise CapcliError(str(e)) from None
         return cls.from_json(data, str(path))
+
+
+def _is_count(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0

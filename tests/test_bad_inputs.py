@@ -45,7 +45,7 @@ line where there is one; through the CLI exit 2 and one stderr line "capcli: ...
   every caption empty                    E "FILE: no usable captions (all are empty)"
   duplicate rows                         skipped, one warning "skipped N duplicate captions"
   images referenced but missing          skipped, one warning "skipped N captions of M images not found on disk"
-  no referenced image on disk            E "FILE: no usable captions (none of the M images they name is on disk)"
+  no referenced image on disk            E "FILE: no usable captions: none of the M images they name is on disk (looked for ...)"
   unknown split name ("holdout")         hash split, one warning naming the value; dev/validation -> val
   row with too few fields                E "FILE:LINE: expected 2 fields, found 1"
   extra fields before the last column    E "FILE:LINE: expected 3 fields, found 4 (quote fields that hold commas)"
@@ -116,7 +116,7 @@ def one_line_error(excinfo, path: Path) -> str:
 
 def make_unreadable(path: Path, monkeypatch) -> None:
     """chmod 000 the file. Root reads it all the same; then opening it raises what the kernel
-    gives everyone else, PermissionError (errno 13), from open() itself."""
+    gives everyone else, PermissionError (errno 13), from open() and os.open() themselves."""
     import builtins
 
     os.chmod(path, 0)
@@ -125,14 +125,17 @@ def make_unreadable(path: Path, monkeypatch) -> None:
             pass
     except PermissionError:
         return
-    real_open = builtins.open
+    real_open, real_os_open = builtins.open, os.open
 
-    def refusing_open(file, *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and Path(file) == path:
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, *args, **kwargs)
+    def refusing(real):
+        def opening(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)) and Path(file) == path:
+                raise PermissionError(13, "Permission denied", str(file))
+            return real(file, *args, **kwargs)
+        return opening
 
-    monkeypatch.setattr(builtins, "open", refusing_open)
+    monkeypatch.setattr(builtins, "open", refusing(real_open))
+    monkeypatch.setattr(os, "open", refusing(real_os_open))
 
 
 # =========================================================================== images
@@ -430,7 +433,8 @@ def test_missing_images_warning_and_error(tmp_path, pics, caplog):
     path = write(tmp_path / "d.csv", "image,caption\nzz.jpg,gone\n")
     with pytest.raises(CapcliError) as e:
         load(path, pics)
-    assert one_line_error(e, path) == ": no usable captions (none of the 1 images they name is on disk)"
+    assert one_line_error(e, path) == (f": no usable captions: none of the 1 images they name is on disk (looked for "
+                                       f"{pics / 'zz.jpg'} and the others in {pics}; --images DIR says where they are)")
 
 
 def test_unknown_split_names(tmp_path, pics, caplog):
@@ -578,11 +582,11 @@ def bad_models(src: Path, d: Path) -> dict[str, tuple[Path, str]]:
     add("no data offsets", write_header(d / "offsets.safetensors", broken, body),
         "corrupt model file (a tensor entry of the header lacks its data offsets)")
     add("config not JSON", with_metadata(src, d / "cfg-json.safetensors", config="{nope"),
-        "damaged capcli metadata (JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1))")
+        "damaged capcli metadata (config: invalid JSON (Expecting property name enclosed in double quotes))")
     add("config a list", with_metadata(src, d / "cfg-list.safetensors", config=[1, 2]),
-        "damaged capcli metadata (TypeError: 'config' is not a JSON object)")
+        "damaged capcli metadata (config is not a JSON object)")
     add("config missing", with_metadata(src, d / "cfg-none.safetensors", config=None),
-        "damaged capcli metadata (KeyError: 'config')")
+        "damaged capcli metadata (no config)")
     add("unknown encoder", with_metadata(src, d / "cfg-enc.safetensors", config={**cfg, "encoder": "bogus"}),
         "unknown encoder 'bogus' (choose lite0, resnet50, resnet101, resnet152 or timm:NAME)")
     wrong = {**cfg, "decoder_dim": cfg["decoder_dim"] * 2}
@@ -596,7 +600,7 @@ def bad_models(src: Path, d: Path) -> dict[str, tuple[Path, str]]:
     add("vocab not a vocab", with_metadata(src, d / "vocab-list.safetensors", vocab=[1, 2, 3]),
         "vocabulary: not a capcli vocabulary (expected JSON with a 'words' list)")
     add("vocab not JSON", with_metadata(src, d / "vocab-json.safetensors", vocab="<pad> <start>"),
-        "damaged capcli metadata (JSONDecodeError: Expecting value: line 1 column 1 (char 0))")
+        "damaged capcli metadata (vocab: invalid JSON (Expecting value))")
     marker = d / "UNPICKLED"
     torch.save({"state_dict": Marker(marker)}, d / "zip.pth")
     add("torch.save zip pickle", d / "zip.pth", "is a pickled PyTorch file; capcli only loads .safetensors model files "
@@ -693,6 +697,6 @@ def test_debug_shows_the_exception(models, tmp_path):
     path, _ = cases["random bytes"]
     image = save(rgb(), tmp_path / "photo.png")
     result = CliRunner().invoke(app, ["--debug", "caption", "--model", str(path), "--device", "cpu", str(image)])
-    assert result.exit_code != 0
-    assert isinstance(result.exception, CapcliError)  # raised, not turned into one line
-    assert result.stderr == ""
+    assert result.exit_code == 2  # the exit code of the error, as without --debug
+    assert "Traceback (most recent call last)" in result.stderr and "CapcliError" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"capcli: {path}: ")

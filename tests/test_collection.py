@@ -136,8 +136,32 @@ def test_two_images_with_one_sidecar_name_are_caught(trained_model, collection_d
     Image.open(png).convert("RGB").save(jpg)
     result = run("caption", "-m", str(trained_model), str(collection_dir), "--sidecar", ".txt")
     assert result.exit_code == 1
-    assert f"{png}: its sidecar {png.with_suffix('.txt')} was already written for another image" in result.stderr
+    clash = f"capcli: {png}: its sidecar {png.with_suffix('.txt')} belongs to another image of this run"
+    assert clash in result.stderr
     assert png.with_suffix(".txt").exists()
+    # The next run keeps it failing, rather than count photo.png as done with photo.jpg's caption.
+    again = run("caption", "-m", str(trained_model), str(collection_dir), "--sidecar", ".txt")
+    assert again.exit_code == 1 and clash in again.stderr
+    assert "sidecars: 0 written, 48 skipped (already there), 1 failed" in again.stderr
+
+
+def test_sidecar_collisions_do_not_trust_modification_times(tmp_path, monkeypatch):
+    """NFS clocks drift: a sidecar from an earlier run with an mtime in the future is not this run's,
+    and one this run wrote with an mtime in the past is still caught."""
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"")
+    future = tmp_path / "b.txt"
+    future.write_text("kept\n")
+    os.utime(future, (time.time() + 3600, time.time() + 3600))
+    sidecars = collection.Sidecars(".txt", None, [str(tmp_path)], overwrite=False)
+    assert not sidecars.wanted(str(tmp_path / "b.png"))  # an earlier run's: kept, its image skipped
+    assert sidecars.wanted(str(tmp_path / "a.jpg")) and sidecars.wanted(str(tmp_path / "a.png"))
+    assert sidecars.write(str(tmp_path / "a.jpg"), "one")
+    os.utime(tmp_path / "a.txt", (0, 0))  # this run's, though its clock says 1970
+    with pytest.raises(CapcliError, match="belongs to another image of this run"):
+        sidecars.write(str(tmp_path / "a.png"), "two")
+    assert (tmp_path / "a.txt").read_text() == "one\n"
 
 
 @pytest.mark.parametrize("value, message", [(".png", "that is an image extension"), ("a/b", "expected an extension")])

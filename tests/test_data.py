@@ -23,7 +23,7 @@ from capcli.datasets import (
     split_counts,
 )
 from capcli.errors import CapcliError
-from conftest import warnings_of
+from conftest import shape_image, warnings_of
 
 pytestmark = pytest.mark.usefixtures("capcli_log")  # caplog sees capcli's warnings
 
@@ -348,7 +348,24 @@ def test_nothing_usable_is_a_one_line_error(tmp_path):
     write_csv(tmp_path / "c.csv", [("gone.png", "lost"), ("gone2.png", "lost too")])
     with pytest.raises(CapcliError) as e:
         load_dataset(captions_file=tmp_path / "c.csv", images_dir=tmp_path / "i")
-    assert str(e.value) == f"{tmp_path / 'c.csv'}: no usable captions (none of the 2 images they name is on disk)"
+    assert str(e.value) == (f"{tmp_path / 'c.csv'}: no usable captions: none of the 2 images they name is on disk "
+                            f"(looked for {tmp_path / 'i' / 'gone.png'} and the others in {tmp_path / 'i'}; "
+                            f"--images DIR says where they are)")
+
+
+def test_captions_without_images_say_where_they_looked_and_data_given_a_file(tmp_path):
+    """--captions without --images looks beside the caption file, and says so when nothing is
+    there; --data given a file said "data folder not found" for a file that exists."""
+    (tmp_path / "pics").mkdir()
+    shape_image("red", "square").save(tmp_path / "pics" / "a.png")
+    write_csv(tmp_path / "c.csv", [("a.png", "a red square")])
+    with pytest.raises(CapcliError, match=r"looked for .*/a\.png and the others in " + str(tmp_path) + ";"):
+        load_dataset(captions_file=tmp_path / "c.csv")
+    assert [s.image_path.name for s in load_dataset(captions_file=tmp_path / "c.csv", images_dir=tmp_path / "pics").samples] == ["a.png"]
+    with pytest.raises(CapcliError) as e:
+        load_dataset(tmp_path / "c.csv")
+    assert str(e.value) == (f"{tmp_path / 'c.csv'}: is a file, --data takes a dataset folder (for a caption file: "
+                            f"--captions FILE --images DIR)")
 
 
 def test_kaggle_layout_with_no_images_is_an_error(tmp_path):

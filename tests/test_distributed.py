@@ -336,3 +336,45 @@ def test_a_process_that_joined_a_group_ends_without_interpreter_shutdown(tmp_pat
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("capcli: ")
     assert str(tmp_path / "nowhere") in bad.stderr
     assert marker.exists() is not joined
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(shapes_dir, tmp_path):
+    """SLURM's time limit or preemption: SIGTERM to every process of the job (torchrun and its
+    workers). The ranks agree on one step to stop at, rank 0 saves a whole checkpoint after the
+    signal, every worker exits 143, and --resume under torchrun ends with the weights of a run
+    never stopped. (Before, the workers died where they stood: nothing saved since the epoch's end.)"""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    args = ["train", "--data", str(shapes_dir), "--epochs", "3", *TRAIN, "--batch-size", "4"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "capcli"]
+    proc = subprocess.Popen([*cmd, *args, "-o", str(run)], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (run / "metrics.jsonl").exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        signalled = time.time()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stops = [line for line in err.splitlines() if line.startswith("capcli: interrupted")]
+    assert len(stops) == 2, err[-3000:]  # one line from each rank
+    main = next(line for line in stops if "rank 1" not in line)
+    assert " by SIGTERM; saved " in main and f"--resume {run}" in main, main
+    assert any("by SIGTERM (rank 1; rank 0 saved the checkpoint)" in line for line in stops), stops
+    assert "Traceback" not in "\n".join(line for line in err.splitlines() if "capcli" in line)
+    assert (run / "last.safetensors").stat().st_mtime >= signalled
+    assert not list(run.glob(".*.tmp")) and len(list(run.glob("last.state-*.pt"))) == 1
+
+    again = _torchrun(["train", "--resume", str(run)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    uninterrupted = _torchrun([*args, "-o", str(straight)])
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    assert [m["epoch"] for m in _metrics(run)] == [1, 2, 3]
+    w1, w2 = _weights(run / "last.safetensors"), _weights(straight / "last.safetensors")
+    for k in w2:
+        assert torch.equal(w1[k], w2[k]), k

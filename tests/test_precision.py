@@ -92,3 +92,24 @@ def test_the_run_records_its_precision(tmp_path, shapes_dir, no_bf16):
     from capcli import checkpoint
 
     assert checkpoint.load_model(run / "last.safetensors").training["precision"] == "fp32"
+
+
+class _Props:
+    def __init__(self, major: int):
+        self.major = major
+
+
+@pytest.mark.parametrize("major, auto", [(7, "fp16"), (8, "bf16"), (9, "bf16")])
+def test_auto_on_a_gpu_counts_native_bf16_only(monkeypatch, major, auto):
+    """Volta and Turing (compute capability 7.x) only emulate bf16, slower than fp16: auto must
+    not pick it there, nor --precision bf16 pass (torch.cuda.is_bf16_supported() says True there)."""
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props(major))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or major >= 8)
+    gpu = torch.device("cuda", 0)
+    assert devices.resolve_precision("auto", gpu) == auto
+    if auto == "fp16":
+        with pytest.raises(CapcliError, match=r"^--precision bf16: this GPU has no bf16"):
+            devices.resolve_precision("bf16", gpu)
+    else:
+        assert devices.resolve_precision("bf16", gpu) == "bf16"

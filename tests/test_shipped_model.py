@@ -59,3 +59,15 @@ def test_a_missing_default_model_is_a_clear_error(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["caption", str(EXAMPLES[0])])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"capcli: {tmp_path / 'nothing.safetensors'}: no such file"
+
+
+def test_capcli_model_takes_the_short_names_as_model_does(monkeypatch, tmp_path):
+    """CAPCLI_MODEL=smiles was "no such file" while -m smiles worked."""
+    from capcli.api import SHIPPED_MODELS, model_path
+
+    monkeypatch.chdir(tmp_path)  # no file named "smiles" here
+    monkeypatch.setenv("CAPCLI_MODEL", "smiles")
+    assert model_path(None) == model_path("smiles")
+    assert model_path(None).name == SHIPPED_MODELS["smiles"] and model_path(None).is_file()
+    assert model_path("default") == model_path("smiles")  # "default" is whatever CAPCLI_MODEL says
+    assert model_path("captions").name == SHIPPED_MODELS["captions"]  # a shipped model by its own name

@@ -136,3 +136,38 @@ def test_unreadable_images_are_skipped_or_stop_training(tmp_path, shapes_dir):
     bad_in_train = any(s.image_path.name == "red_square_0.png" for s in train_images)
     expected = 5 * (len(train_images) - bad_in_train)  # five captions per image, none of the bad one
     assert checkpoint.load_model(run / "best.safetensors").training["train_captions"] == expected
+
+
+def test_resuming_with_a_gradient_scaler_after_a_run_without_one():
+    """fp16 (or a GPU that needs a scaler) after a run saved without one: the saved scaler state is
+    empty, and loading it into an enabled scaler raised. A fresh scaler starts instead."""
+    from capcli.train import restore_scaler
+
+    enabled = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    restore_scaler(enabled, torch.amp.GradScaler("cpu", enabled=False).state_dict())  # {}: raised before
+    assert enabled.is_enabled() and enabled.get_scale() == 1024.0
+    saved = torch.amp.GradScaler("cpu", enabled=True, init_scale=64.0).state_dict()
+    restore_scaler(enabled, saved)
+    assert enabled.get_scale() == 64.0  # a real state is restored
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    restore_scaler(disabled, saved)  # fp32 after fp16: nothing to restore into
+    assert not disabled.is_enabled()
+
+
+def test_resume_restores_the_training_gpus_generator_only(monkeypatch):
+    """Older runs saved the generator of every visible GPU and restored them all, which raised when
+    fewer GPUs were visible at resume; now only the training device's is saved and restored."""
+    from capcli.train import restore_cuda_rng
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((state, device)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("restores every GPU"))
+    states = [torch.full((4,), i, dtype=torch.uint8) for i in range(4)]  # saved on a 4-GPU machine
+    restore_cuda_rng(states, torch.device("cuda", 0))  # resumed with one GPU visible
+    assert len(calls) == 1 and torch.equal(calls[0][0], states[0]) and calls[0][1] == torch.device("cuda", 0)
+    restore_cuda_rng(states, torch.device("cuda", 7))  # an index the old run did not have: left as it is
+    assert len(calls) == 1
+    restore_cuda_rng(states[2], torch.device("cuda", 2))  # saved by this capcli: one state
+    assert calls[-1][0] is states[2]
+    restore_cuda_rng(states[0], torch.device("cpu"))  # a CPU run has no GPU generator
+    assert len(calls) == 2

@@ -148,7 +148,7 @@ def test_ctrl_c_during_validation_finishes_the_epoch_then_stops(tmp_path, shapes
 
     monkeypatch.setattr(training.Trainer, "validate", validate_then_ctrl_c)
     out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--epochs", "3", *BASE, code=130)
-    assert f"interrupted after epoch 1; saved {run / 'last.safetensors'}; continue with: capcli train --resume {run}" in out
+    assert f"interrupted after epoch 1 by Ctrl-C; saved {run / 'last.safetensors'}; continue with: capcli train --resume {run}" in out
     assert checkpoint.load_model(run / "last.safetensors").training["epochs"] == 1
     assert [r["epoch"] for r in metrics(run)] == [1]
     monkeypatch.setattr(training.Trainer, "validate", real_validate)
@@ -164,7 +164,7 @@ def test_ctrl_c_while_caching_features_says_how_to_continue(tmp_path, shapes_dir
 
     monkeypatch.setattr(training, "build_feature_cache", interrupted)
     out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--epochs", "1", *BASE, code=130)
-    assert f"interrupted while caching features; the images cached so far are kept; continue with: capcli train --resume {run}" in out
+    assert f"interrupted by Ctrl-C while caching features; the images cached so far are kept; continue with: capcli train --resume {run}" in out
 
 
 # ------------------------------------------------------------------ write order and metrics
