@@ -45,11 +45,11 @@ def main() -> None:
 
     import torch
 
-    from capcli.api import Captioner, default_model_path
+    from capcli.infer.captioner import Captioner, default_model_path
     from capcli.cli import keep_freed_memory
-    from capcli.devices import autocast
-    from capcli.images import image_to_tensor, load_image
-    from capcli.sampling import DecodeOptions
+    from capcli.runtime.devices import autocast
+    from capcli.data.images import image_to_tensor, load_image
+    from capcli.infer.decode import DecodeOptions
 
     keep_freed_memory()  # as the capcli command does
 
@@ -59,7 +59,7 @@ def main() -> None:
         sys.exit(f"no images in {args.images}")
     cap = Captioner.load(model_path, args.device)  # the automatic precision
     cfg = cap.cfg
-    from capcli.devices import cpu_has_bf16
+    from capcli.runtime.devices import cpu_has_bf16
 
     # fp32 first, then the automatic precision, and bf16 where the CPU has it even if auto keeps fp32
     precisions = sorted({"fp32", cap.precision} | ({"bf16"} if cap.device.type == "cpu" and cpu_has_bf16() else set()),

@@ -62,7 +62,7 @@ def listing_bytes(files: int, where: Path) -> tuple[float, float]:
     """(bytes per file held by list(expand_paths([folder])), bytes per path string)."""
     import tracemalloc
 
-    from capcli.images import expand_paths
+    from capcli.data.images import expand_paths
 
     for d in range(100):
         sub = where / f"d{d:03d}"
@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=200_000, help="empty files for the listing figure")
     args = ap.parse_args()
 
-    from capcli.api import default_model_path
+    from capcli.infer.captioner import default_model_path
 
     model = str(Path(args.model) if args.model else default_model_path())
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))

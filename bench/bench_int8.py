@@ -54,9 +54,9 @@ def main() -> None:
     import torch
     import torch._inductor.config as inductor_config
 
-    from capcli.api import Captioner
-    from capcli.images import image_to_tensor, load_image
-    from capcli.sampling import DecodeOptions, decode
+    from capcli.infer.captioner import Captioner
+    from capcli.data.images import image_to_tensor, load_image
+    from capcli.infer.decode import DecodeOptions, decode
 
     try:  # torch 2.15 no longer ships torch.ao.quantization.quantizer; PT2E lives in torchao now
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e

@@ -10,7 +10,7 @@ and the feature cache excluded: the cache is built before the timed runs, and co
   cuda, 1 GPU, bf16/fp16 / fp32     (with a GPU) one process
   cuda, N GPUs nccl                 (with 2+ GPUs) torchrun over all of them
   ratios                            automatic precision / fp32, side by side
-  --scst, instead of all the above  an epoch of self-critical training (capcli.scst) beside the
+  --scst, instead of all the above  an epoch of self-critical training (capcli.train.scst) beside the
                                     cross-entropy epoch it starts from, one process, all threads (or
                                     $OMP_NUM_THREADS): seconds, captions/s (sampled captions for
                                     SCST), the share of the CIDEr-D reward, the ratio of epoch times
@@ -116,7 +116,7 @@ def main() -> None:
     def torchrun(n: int) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", "capcli"]
 
-    from capcli.devices import cpu_has_bf16, resolve_precision
+    from capcli.runtime.devices import cpu_has_bf16, resolve_precision
 
     # the CPU's other precision: the automatic one, or bf16 where the CPU has it even if auto keeps fp32
     cpu_auto = resolve_precision("auto", torch.device("cpu"))
@@ -149,8 +149,8 @@ def main() -> None:
     # (Trainer.setup builds it; no training). The last copy is used by the training runs.
     import statistics
 
-    from capcli.train import Trainer
-    from capcli.train_config import TrainConfig
+    from capcli.train.loop import Trainer
+    from capcli.train.config import TrainConfig
 
     import logging
     import re

@@ -25,9 +25,9 @@ from typer.core import TyperGroup
 from typing_extensions import Annotated
 
 from capcli.errors import CapcliError
-from capcli.images import MAX_IMAGE_PIXELS, is_url
+from capcli.data.images import MAX_IMAGE_PIXELS, is_url
 from capcli.progress import Reporter
-from capcli.train_config import TrainConfig
+from capcli.train.config import TrainConfig
 
 GLOBAL_FLAGS = ("-q", "--quiet", "--debug")
 
@@ -183,7 +183,7 @@ def handle_errors(fn):
         except BrokenPipeError:
             _quiet_broken_pipe()
         except KeyboardInterrupt as e:  # Ctrl-C, and SIGTERM/SIGHUP (signals.Stopped)
-            from capcli.signals import exit_code, signal_name, stop_signal
+            from capcli.runtime.signals import exit_code, signal_name, stop_signal
 
             signum = stop_signal(e)
             _fail(f"interrupted by {signal_name(signum)}", exit_code(signum))
@@ -249,7 +249,7 @@ def _main(
     _debug, _quiet = debug, quiet
     _setup_logging(quiet)
     keep_freed_memory()
-    from capcli.signals import raise_on_stop_signals
+    from capcli.runtime.signals import raise_on_stop_signals
 
     raise_on_stop_signals()  # SIGTERM and SIGHUP unwind like Ctrl-C: files are closed, temporary files removed
 
@@ -289,8 +289,8 @@ def build_vocab(
     split: SplitOpt = None,
 ):
     """Count the tokens of the train split's captions and write a vocabulary JSON."""
-    from capcli.datasets import load_dataset, parse_split_ratios
-    from capcli.vocab import SPECIALS, Vocab
+    from capcli.data.datasets import load_dataset, parse_split_ratios
+    from capcli.text.vocab import SPECIALS, Vocab
 
     ratios = parse_split_ratios(split) if split else None  # None: 90/5/5, and no note when the data has its own split
     samples = load_dataset(data, captions_file=captions, images_dir=images, split_ratios=ratios).samples
@@ -395,7 +395,7 @@ def train(
     With --resume only --epochs, --patience, --device, --precision, --workers, --save-every
     and --max-bad-fraction may be given: the run keeps its other settings.
     """
-    from capcli import train as training
+    from capcli.train import loop as training
 
     settings = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
                 for k, v in ctx.params.items() if k in _TRAIN_FIELDS}
@@ -418,7 +418,7 @@ def train(
         run_dir = output
     if os.environ.get("RANK", "0").strip() not in ("", "0"):
         return  # under torchrun only rank 0 prints the result
-    from capcli.curves import METRIC_LABELS
+    from capcli.metrics.validation import METRIC_LABELS
 
     best = run_dir / "best.safetensors"
     key = summary.get("selection", "val_bleu4")
@@ -436,7 +436,7 @@ def _given_options(ctx: typer.Context) -> set[str]:
 
 
 def _run_training(fn):
-    from capcli.train import TrainingInterrupted
+    from capcli.train.loop import TrainingInterrupted
 
     try:
         return fn()
@@ -467,7 +467,7 @@ MaxPixelsOpt = Annotated[int, typer.Option(help="Refuse images with more pixels 
 
 @dataclasses.dataclass
 class CollectionOptions:
-    """Where caption/beam results go and which images a process takes (see capcli.collection)."""
+    """Where caption/beam results go and which images a process takes (see capcli.infer.collection)."""
 
     fmt: Optional[Format] = None  # None: from -o's extension, else text
     output: Optional[Path] = None
@@ -480,9 +480,10 @@ class CollectionOptions:
 
 def _caption_command(paths, model, device, precision, batch_size, options, attention_dir, workers, max_pixels,
                      out: CollectionOptions):
-    from capcli import collection, distributed
-    from capcli.api import Captioner
-    from capcli.images import expand_paths
+    from capcli.infer import collection
+    from capcli.runtime import distributed
+    from capcli.infer.captioner import Captioner
+    from capcli.data.images import expand_paths
 
     fmt = collection.output_format(out.fmt.value if out.fmt else None, out.output)
     if out.resume and out.output is None:
@@ -587,7 +588,7 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
 
 def _stop_together(ctx, problem: CapcliError | None) -> None:
     """Raise ``problem``, or under torchrun the first problem any process had, in every process."""
-    from capcli import distributed
+    from capcli.runtime import distributed
 
     if not ctx.enabled:
         if problem is not None:
@@ -619,9 +620,9 @@ def _picture_name(path: str, used: set[str]) -> str:
 
 
 def _write_attention(directory: Path, r, names_used: set[str], max_pixels: int) -> None:
-    from capcli import attention_map
-    from capcli.collection import printable
-    from capcli.images import ImageError, load_image
+    from capcli.infer import attention_pictures as attention_map
+    from capcli.infer.collection import printable
+    from capcli.data.images import ImageError, load_image
 
     name = _picture_name(r.path, names_used)
     try:
@@ -658,7 +659,7 @@ def caption(
 ):
     """Caption images with greedy decoding (fast). Examples: capcli caption photos/ --format tsv;
     capcli caption photos/ --sidecar .txt (photo.jpg -> photo.txt); capcli caption photos/ -o out.jsonl --resume"""
-    from capcli.sampling import DecodeOptions
+    from capcli.infer.decode import DecodeOptions
 
     options = DecodeOptions(beam_size=1, max_len=max_len, length_penalty=length_penalty)
     out = CollectionOptions(format, output, resume, sidecar, sidecar_dir, overwrite, shard)
@@ -692,7 +693,7 @@ def beam(
     torchrun --nproc-per-node 8 -m capcli beam photos/ -o out.jsonl (one share per GPU, merged in order)"""
     if nbest > beam_size:
         raise CapcliError(f"--nbest {nbest} is larger than --beam-size {beam_size}")
-    from capcli.sampling import DecodeOptions
+    from capcli.infer.decode import DecodeOptions
 
     options = DecodeOptions(beam_size=beam_size, nbest=nbest, max_len=max_len, length_penalty=length_penalty)
     out = CollectionOptions(format, output, resume, sidecar, sidecar_dir, overwrite, shard)
@@ -728,10 +729,10 @@ def evaluate(
     """Caption a split of a dataset and score it: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr for word
     models; exact match and edit similarity for char and SMILES models, plus validity, canonical
     match and Tanimoto for SMILES when RDKit is installed."""
-    from capcli.api import Captioner, model_path
-    from capcli.datasets import load_dataset, parse_split_ratios, split_mismatch
-    from capcli.evaluate import evaluate_model
-    from capcli.sampling import DecodeOptions
+    from capcli.infer.captioner import Captioner, model_path
+    from capcli.data.datasets import load_dataset, parse_split_ratios, split_mismatch
+    from capcli.infer.evaluate import evaluate_model
+    from capcli.infer.decode import DecodeOptions
 
     split_name = split_name.value
     captioner = Captioner.load(model, device.value, precision.value)
@@ -789,7 +790,7 @@ def main() -> None:
     except BrokenPipeError:  # the reader went away while Python flushed stdout on the way out
         _silence_stdout()
         code = 0
-    dist = sys.modules.get("capcli.distributed")  # imported only by training
+    dist = sys.modules.get("capcli.runtime.distributed")  # imported only by training
     if dist is not None and dist.joined_a_group():
         dist.exit_process(code if isinstance(code, int) else 1)  # see there: torchrun workers skip shutdown
     sys.exit(code)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from capcli.api import Captioner, CaptionResult
-from capcli.sampling import DecodeOptions
+from capcli.infer.captioner import Captioner, CaptionResult
+from capcli.infer.decode import DecodeOptions
 
 
 @pytest.fixture(scope="module")

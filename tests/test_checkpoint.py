@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from capcli import checkpoint
+from capcli.model import files as model_files
 from capcli.files import atomic_write
-from capcli.model import CaptionModel, ModelConfig
-from capcli.vocab import Vocab
+from capcli.model.caption_model import CaptionModel
+from capcli.model.config import ModelConfig
+from capcli.text.vocab import Vocab
 
 
 @pytest.fixture()
@@ -24,8 +25,8 @@ def model_and_vocab():
 def test_round_trip_keeps_weights_config_and_vocabulary(tmp_path, model_and_vocab):
     model, vocab = model_and_vocab
     path = tmp_path / "m.safetensors"
-    checkpoint.save_model(path, model, vocab, encoder_weights="pypi:test", training={"epochs": 3, "val_bleu4": 0.25})
-    loaded = checkpoint.load_model(path)
+    model_files.save_model(path, model, vocab, encoder_weights="pypi:test", training={"epochs": 3, "val_bleu4": 0.25})
+    loaded = model_files.load_model(path)
     assert loaded.model.cfg == model.cfg
     assert loaded.vocab.words == vocab.words
     assert loaded.training == {"epochs": 3, "val_bleu4": 0.25}
@@ -44,10 +45,10 @@ def test_round_trip_keeps_weights_config_and_vocabulary(tmp_path, model_and_voca
 def test_fp16_export_is_half_the_size_and_loads_as_float32(tmp_path, model_and_vocab):
     model, vocab = model_and_vocab
     full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
-    checkpoint.save_model(full, model, vocab, encoder_weights="x")
-    checkpoint.save_model(half, model, vocab, encoder_weights="x", dtype=torch.float16)
+    model_files.save_model(full, model, vocab, encoder_weights="x")
+    model_files.save_model(half, model, vocab, encoder_weights="x", dtype=torch.float16)
     assert half.stat().st_size < 0.55 * full.stat().st_size
-    loaded = checkpoint.load_model(half)
+    loaded = model_files.load_model(half)
     w = loaded.model.decoder.fc.weight
     assert w.dtype == torch.float32
     torch.testing.assert_close(w, model.decoder.fc.weight, atol=1e-3, rtol=1e-3)
@@ -56,8 +57,8 @@ def test_fp16_export_is_half_the_size_and_loads_as_float32(tmp_path, model_and_v
 def test_metadata_is_readable_without_loading_tensors(tmp_path, model_and_vocab):
     model, vocab = model_and_vocab
     path = tmp_path / "m.safetensors"
-    checkpoint.save_model(path, model, vocab, encoder_weights="x")
-    meta = checkpoint.read_metadata(path)
+    model_files.save_model(path, model, vocab, encoder_weights="x")
+    meta = model_files.read_metadata(path)
     assert meta["format"] == "capcli-model"
     assert json.loads(meta["config"])["attention"] == "dot"
     assert json.loads(meta["vocab"])["words"][:4] == ["<pad>", "<start>", "<end>", "<unk>"]
@@ -66,7 +67,7 @@ def test_metadata_is_readable_without_loading_tensors(tmp_path, model_and_vocab)
 def test_failed_write_leaves_the_previous_file_intact(tmp_path, model_and_vocab):
     model, vocab = model_and_vocab
     path = tmp_path / "m.safetensors"
-    checkpoint.save_model(path, model, vocab, encoder_weights="first")
+    model_files.save_model(path, model, vocab, encoder_weights="first")
     before = path.read_bytes()
 
     def disk_full(tmp):
@@ -77,7 +78,7 @@ def test_failed_write_leaves_the_previous_file_intact(tmp_path, model_and_vocab)
         atomic_write(path, disk_full)
     assert path.read_bytes() == before
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
-    assert checkpoint.load_model(path).metadata["encoder_weights"] == "first"
+    assert model_files.load_model(path).metadata["encoder_weights"] == "first"
 
 
 def test_written_files_get_normal_permissions(tmp_path, model_and_vocab):
@@ -85,7 +86,7 @@ def test_written_files_get_normal_permissions(tmp_path, model_and_vocab):
 
     model, vocab = model_and_vocab
     path = tmp_path / "m.safetensors"
-    checkpoint.save_model(path, model, vocab, encoder_weights="x")
+    model_files.save_model(path, model, vocab, encoder_weights="x")
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
@@ -99,25 +100,25 @@ def test_header_lengths_of_any_first_byte_are_read_as_safetensors(tmp_path):
     first_bytes = set()
     for k in range(0, 600, 3):  # header lengths over more than two multiples of 256
         path = tmp_path / f"m{k}.safetensors"
-        metadata = {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION, "note": "x" * k}
+        metadata = {"format": model_files.FORMAT, "format_version": model_files.FORMAT_VERSION, "note": "x" * k}
         save_file({"w": torch.zeros(2)}, str(path), metadata=metadata)
         first_bytes.add(path.read_bytes()[0])
-        assert checkpoint.read_metadata(path)["note"] == "x" * k
+        assert model_files.read_metadata(path)["note"] == "x" * k
     assert 0x80 in first_bytes
 
 
 def test_model_whose_header_length_starts_with_0x80_loads(tmp_path, model_and_vocab):
     model, vocab = model_and_vocab
     path = tmp_path / "m.safetensors"
-    checkpoint.save_model(path, model, vocab, encoder_weights="x", training={"note": ""})
+    model_files.save_model(path, model, vocab, encoder_weights="x", training={"note": ""})
     n = int.from_bytes(path.read_bytes()[:8], "little")
     pad = (128 - n) % 256
     for extra in range(pad, pad + 16):  # safetensors pads its header to a multiple of 8
-        checkpoint.save_model(path, model, vocab, encoder_weights="x", training={"note": "y" * extra})
+        model_files.save_model(path, model, vocab, encoder_weights="x", training={"note": "y" * extra})
         if path.read_bytes()[:1] == b"\x80":
             break
     assert path.read_bytes()[:1] == b"\x80"
-    loaded = checkpoint.load_model(path)
+    loaded = model_files.load_model(path)
     assert loaded.training["note"] == "y" * extra
     assert loaded.vocab.words == vocab.words
 

@@ -138,7 +138,7 @@ def test_capcli_keeps_freed_memory_instead_of_page_faulting_it_back():
     script = (
         "import resource, sys, torch\n"
         "from capcli.cli import keep_freed_memory\n"
-        "from capcli.encoders import Encoder\n"
+        "from capcli.model.encoders import Encoder\n"
         "if sys.argv[1] == 'keep': keep_freed_memory()\n"
         "encoder, x = Encoder('lite0').eval(), torch.randn(4, 3, 224, 224)\n"
         "with torch.inference_mode():\n"
@@ -187,7 +187,7 @@ def test_attention_panels_light_in_proportion_to_the_strongest_cell():
     import torch
     from PIL import ImageStat
 
-    from capcli import attention_map
+    from capcli.infer import attention_pictures as attention_map
 
     image = Image.new("RGB", (64, 64), (200, 160, 120))
     mean = ImageStat.Stat(image.convert("L")).mean[0]

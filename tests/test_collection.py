@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from capcli import collection
+from capcli.infer import collection
 from capcli.cli import app
 from capcli.errors import CapcliError
-from capcli.images import walk_images
+from capcli.data.images import walk_images
 
 
 def run(*args, input=None):

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import capcli.images as images
-from capcli import collection
+import capcli.data.images as images
+from capcli.infer import collection
 from capcli.cli import app
 from capcli.errors import CapcliError
-from capcli.images import ImageError, load_image
+from capcli.data.images import ImageError, load_image
 from conftest import shape_image
 
 
@@ -113,7 +113,7 @@ def test_fifo_in_a_folder_on_the_command_line_and_on_stdin(trained_model, tmp_pa
 
 
 def test_caption_file_that_is_a_fifo_or_a_device(tmp_path):
-    from capcli.datasets import load_dataset
+    from capcli.data.datasets import load_dataset
 
     pictures(tmp_path, "a.png")
     fifo = tmp_path / "captions.csv"
@@ -340,7 +340,7 @@ def test_targets_on_a_read_only_filesystem_are_one_line(trained_model, tmp_path,
 def test_a_bad_pil_image_fails_alone(trained_model, tmp_path):
     from PIL import Image
 
-    from capcli.api import Captioner
+    from capcli.infer.captioner import Captioner
 
     good = shape_image("red", "square")
     truncated = tmp_path / "truncated.png"

@@ -1,7 +1,7 @@
 """Crafted files (issue 19, items 5, 10, 11, 12): a model file, a JSON file or a run folder that lies
 never makes capcli allocate what the lie asks for, crash, or print more than one line.
 
- Model files (checkpoint.load_model; `caption --model`, `train --init`: exit 2, one line naming the file)
+ Model files (model_files.load_model; `caption --model`, `train --init`: exit 2, one line naming the file)
   config size out of choices.MODEL_LIMITS  E "model config: decoder_dim 16000 must be a whole number from 1 to 8192"
    (image_size 32..1024, grid 0..64, dims 1..8192, vocab_size 4..1000000, dropout 0 <= p < 1)
   a config value of the wrong type         E "model config: embed_dim must be a whole number, not '128'" (bool,
@@ -37,15 +37,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli import checkpoint
+from capcli.model import files as model_files
 from capcli.cli import app
-from capcli.datasets import load_dataset, read_caption_table
+from capcli.data.datasets import load_dataset, read_caption_table
 from capcli.errors import CapcliError
-from capcli.feature_cache import FeatureCache
+from capcli.train.feature_cache import FeatureCache
 from capcli.files import FileProblem, parse_json, read_json
-from capcli.model import CaptionModel, ModelConfig
-from capcli.train_config import TrainConfig
-from capcli.vocab import Vocab
+from capcli.model.caption_model import CaptionModel
+from capcli.model.config import ModelConfig
+from capcli.train.config import TrainConfig
+from capcli.text.vocab import Vocab
 from conftest import warnings_of
 
 pytestmark = pytest.mark.usefixtures("capcli_log")  # caplog sees capcli's warnings
@@ -99,7 +100,7 @@ def small_model(tmp_path_factory) -> Path:
     vocab = Vocab.build(["a red square", "a blue circle", "the square is red"], min_freq=1)
     cfg = ModelConfig(vocab_size=len(vocab), image_size=64, grid=2, embed_dim=8, attention_dim=8, decoder_dim=12)
     path = tmp_path_factory.mktemp("model") / "small.safetensors"
-    checkpoint.save_model(path, CaptionModel(cfg), vocab, encoder_weights="test")
+    model_files.save_model(path, CaptionModel(cfg), vocab, encoder_weights="test")
     return path
 
 
@@ -153,7 +154,7 @@ def test_config_out_of_bounds_or_of_the_wrong_type_is_refused_before_anything_is
         small_model, tmp_path, real_builds, change, message):
     path = crafted(small_model, tmp_path / "m.safetensors", config=change)
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path) == message
     assert real_builds == []
 
@@ -164,7 +165,7 @@ def test_nan_dropout_in_a_config_is_refused(small_model, tmp_path):
     header["__metadata__"]["config"] = json.dumps({**config, "dropout": math.nan})  # written as NaN
     path = write_model(tmp_path / "m.safetensors", header, body)
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path) == "model config: dropout nan must be at least 0 and below 1"
 
 
@@ -174,7 +175,7 @@ def test_a_9kb_file_whose_config_asks_for_a_big_model_is_refused_on_the_meta_dev
     path = crafted(small_model, tmp_path / "lie.safetensors", config={"decoder_dim": 4096, "embed_dim": 4096}, body=False)
     assert path.stat().st_size < 10_000
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path).startswith("weights do not match the model config (missing encoder.")
     assert real_builds == []
 
@@ -187,7 +188,7 @@ def test_every_shape_and_dtype_kind_is_compared_with_the_header_before_tensors_a
     bigger = {"words": vocab["words"] + [f"w{i}" for i in range(50)]}
     path = crafted(small_model, tmp_path / "v.safetensors", config={"vocab_size": n + 50}, vocab=bigger)
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path) == f"weight decoder.embedding.weight has shape ({n}, 8), the config implies ({n + 50}, 8)"
     # A float weight stored as an integer type of the same size.
     name = "decoder.fc.bias"
@@ -195,21 +196,21 @@ def test_every_shape_and_dtype_kind_is_compared_with_the_header_before_tensors_a
     as_int[name]["dtype"] = "I32"
     path = write_model(tmp_path / "int.safetensors", as_int, body)
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path) == f"weight {name} is stored as I32, the model needs a float type"
     # A header entry whose shape is not what its data offsets hold.
     grown = json.loads(json.dumps(header))
     grown[name]["shape"] = [10**12]
     path = write_model(tmp_path / "shape.safetensors", grown, body)
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path) == f"corrupt model file (the header entry of '{name}': its data offsets do not fit its shape)"
     # A dtype that is not a name (a list: unhashable).
     listed = json.loads(json.dumps(header))
     listed[name]["dtype"] = ["F32"]
     path = write_model(tmp_path / "dtype.safetensors", listed, body)
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path) == f"corrupt model file (the header entry of '{name}' has no valid dtype and shape)"
     assert real_builds == []
 
@@ -221,13 +222,13 @@ def test_a_vocabulary_longer_than_the_weights_is_refused_before_it_is_built(smal
     built = []
     monkeypatch.setattr(Vocab, "__post_init__", lambda self: built.append(len(self.words)))
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path) == f"vocabulary has {len(words) + 100_000} words but the model expects {len(words)}"
     assert built == [] and real_builds == []
 
 
 def test_a_fitting_model_still_loads_once(small_model, real_builds):
-    loaded = checkpoint.load_model(small_model)
+    loaded = model_files.load_model(small_model)
     assert loaded.model.cfg.decoder_dim == 12 and len(loaded.vocab) == loaded.model.cfg.vocab_size
     assert [kind for kind, _ in real_builds] == ["read tensors", "built"]
 
@@ -235,7 +236,7 @@ def test_a_fitting_model_still_loads_once(small_model, real_builds):
 def test_shipped_models_fit_the_bounds():
     weights = Path(__file__).resolve().parent.parent / "weights"
     for path in sorted(weights.glob("*.safetensors")):
-        cfg, vocab, _ = checkpoint.inspect_model(path)
+        cfg, vocab, _ = model_files.inspect_model(path)
         assert len(vocab) == cfg.vocab_size, path
 
 
@@ -307,7 +308,7 @@ def test_read_json_of_a_deep_file(tmp_path):
 def test_deep_or_huge_metadata_json(small_model, tmp_path, key, text, reason):
     path = crafted(small_model, tmp_path / "m.safetensors", raw={key: text})
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path) == f"damaged capcli metadata ({reason})"
 
 
@@ -316,10 +317,10 @@ def test_deep_json_in_the_safetensors_header(small_model, tmp_path):
     meta = json.dumps(header["__metadata__"])
     path = write_model(tmp_path / "m.safetensors", '{"__metadata__": ' + meta + ', "x": ' + DEEP + "}")
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     assert one_line(e, path) == "not a capcli model (not a safetensors file, or truncated)"
     with pytest.raises(CapcliError):
-        checkpoint.read_metadata(path)
+        model_files.read_metadata(path)
 
 
 @pytest.mark.parametrize("record", [DEEP, '{"epochs": 1e999999}', '{"split": 5}', '{"split_source": ["a"]}',
@@ -327,8 +328,8 @@ def test_deep_json_in_the_safetensors_header(small_model, tmp_path):
 def test_a_damaged_training_record_does_not_stop_the_model(small_model, tmp_path, record):
     # `evaluate` reads its split, `--resume` its checkpoint id: a damaged record reads as {}
     path = crafted(small_model, tmp_path / "m.safetensors", raw={"training": record})
-    assert checkpoint.load_model(path).training == {}
-    assert checkpoint.training_record({"training": '{"split": null, "epochs": 3}'}) == {"split": None, "epochs": 3}
+    assert model_files.load_model(path).training == {}
+    assert model_files.training_record({"training": '{"split": null, "epochs": 3}'}) == {"split": None, "epochs": 3}
 
 
 def test_deep_or_huge_jsonl_caption_lines(tmp_path):
@@ -370,7 +371,7 @@ def test_deep_karpathy_and_coco_files(tmp_path):
 
 
 def test_a_deep_result_line_is_not_a_result_line():
-    from capcli.collection import line_path
+    from capcli.infer.collection import line_path
 
     with pytest.raises(CapcliError) as e:
         line_path('{"path": ' + DEEP + "}", "jsonl", "out.jsonl:3")
@@ -387,7 +388,7 @@ def test_a_vocabulary_token_with_a_control_character_is_refused(small_model, tmp
     words[5] = token
     path = crafted(small_model, tmp_path / "m.safetensors", vocab={"words": words})
     with pytest.raises(CapcliError) as e:
-        checkpoint.load_model(path)
+        model_files.load_model(path)
     char = next(c for c in token if not c.isprintable())
     assert one_line(e, path) == f"vocabulary: vocabulary token 5 ({token!r}) holds a control character (U+{ord(char):04X})"
     vocab_file = tmp_path / "vocab.json"
@@ -402,7 +403,7 @@ def test_spaces_and_other_printable_tokens_are_fine(small_model, tmp_path):
     words = json.loads(header["__metadata__"]["vocab"])["words"]
     words[4:8] = [" ", "\u00a0", "\u200d", "é"]  # a char model's space, a no-break space, a joiner (emoji), a letter
     path = crafted(small_model, tmp_path / "m.safetensors", vocab={"words": words, "tokenizer": "char"})
-    assert checkpoint.load_model(path).vocab.words[4:8] == [" ", "\u00a0", "\u200d", "é"]
+    assert model_files.load_model(path).vocab.words[4:8] == [" ", "\u00a0", "\u200d", "é"]
 
 
 def test_build_leaves_control_characters_out_of_a_char_vocabulary(tmp_path):

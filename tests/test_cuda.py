@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli import checkpoint
+from capcli.model import files as model_files
 from capcli.cli import app
 from conftest import SMALL
 
@@ -22,7 +22,7 @@ def test_training_on_cuda_with_amp_lowers_the_loss(tmp_path, shapes_dir):
     assert result.exit_code == 0, result.output
     m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert m[-1]["train_loss"] < 0.8 * m[0]["train_loss"]
-    loaded = checkpoint.load_model(run / "best.safetensors")
+    loaded = model_files.load_model(run / "best.safetensors")
     assert all(t.dtype == torch.float32 for t in loaded.model.state_dict().values() if t.is_floating_point())
 
 
@@ -34,7 +34,7 @@ def test_fine_tuning_on_cuda(tmp_path, shapes_dir):
 
 
 def test_captions_on_cuda_match_the_cpu(trained_model, shapes_dir):
-    from capcli.api import Captioner
+    from capcli.infer.captioner import Captioner
 
     paths = sorted((shapes_dir / "Images").glob("*.png"))
     cpu = Captioner.load(trained_model, "cpu").caption(paths, beam_size=3)
@@ -44,7 +44,7 @@ def test_captions_on_cuda_match_the_cpu(trained_model, shapes_dir):
 
 
 def test_batched_beam_on_cuda_equals_one_at_a_time(trained_model, shapes_dir):
-    from capcli.api import Captioner
+    from capcli.infer.captioner import Captioner
 
     cap = Captioner.load(trained_model, "cuda")
     paths = sorted((shapes_dir / "Images").glob("*.png"))[:12]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from capcli import curves
-from capcli.curves import _by_epoch, render_curves, save_curves
+from capcli.train import curves
+from capcli.train.curves import _by_epoch, render_curves, save_curves
 
 
 def run(n: int = 5, **extra) -> list[dict]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from capcli.datasets import (
+from capcli.data.datasets import (
     SPLITS,
     hash_split,
     load_dataset,

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.datasets import Dataset, hash_split, load_dataset, parse_split_ratios, split_mismatch
+from capcli.data.datasets import Dataset, hash_split, load_dataset, parse_split_ratios, split_mismatch
 from conftest import warnings_of
 
 pytestmark = pytest.mark.usefixtures("capcli_log")  # caplog sees capcli's log lines

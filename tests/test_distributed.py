@@ -19,12 +19,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from capcli import distributed
-from capcli.distributed import DistContext, shard_batch, shard_range
-from capcli.model import Decoder, ModelConfig
-from capcli.model import caption_loss
-from capcli.feature_sources import length_bucketed_batches
-from capcli.train import collate
+from capcli.runtime import distributed
+from capcli.runtime.distributed import DistContext, shard_batch, shard_range
+from capcli.model.decoder import Decoder
+from capcli.model.config import ModelConfig
+from capcli.train.losses import caption_loss
+from capcli.train.features import length_bucketed_batches
+from capcli.train.loop import collate
 from conftest import SMALL
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
@@ -142,9 +143,9 @@ class _MeanPoolEncoder(torch.nn.Module):
 
 
 def _cache_worker(rank: int, world: int, store: str, dirs: list[str], image_paths: list[str], out: str):
-    from capcli.model import ModelConfig
+    from capcli.model.config import ModelConfig
     from capcli.progress import Reporter
-    from capcli.feature_cache import build_feature_cache
+    from capcli.train.feature_cache import build_feature_cache
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=__import__("datetime").timedelta(seconds=60))
@@ -187,7 +188,7 @@ def test_feature_cache_is_encoded_once_across_ranks_and_completed_in_every_folde
     mp.spawn(_cache_worker, args=(2, str(tmp_path / "store"), dirs, paths, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
 
-    from capcli.images import image_to_tensor, load_image
+    from capcli.data.images import image_to_tensor, load_image
 
     def expected(p):
         x = image_to_tensor(load_image(p, draft_size=64), 64, (0.5,) * 3, (0.5,) * 3)
@@ -270,7 +271,7 @@ def test_two_processes_train_like_one_process_with_the_same_global_batch_and_res
 
 
 def _meta_training(path: Path) -> str:
-    from capcli.checkpoint import read_metadata
+    from capcli.model.files import read_metadata
 
     return read_metadata(path)["training"]
 
@@ -321,7 +322,7 @@ def test_a_process_that_joined_a_group_ends_without_interpreter_shutdown(tmp_pat
     process (SIGABRT after a finished run); its output and exit code are what they would be anyway."""
     marker = tmp_path / "shutdown-ran"
     script = (f"import atexit, pathlib, sys\n"
-              f"from capcli import cli, distributed\n"
+              f"from capcli import cli\nfrom capcli.runtime import distributed\n"
               f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
               f"distributed._joined = {joined}\n"
               f"sys.argv = ['capcli', *sys.argv[1:]]\n"

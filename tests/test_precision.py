@@ -8,8 +8,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli import devices
-from capcli.api import Captioner
+from capcli.runtime import devices
+from capcli.infer.captioner import Captioner
 from capcli.cli import app
 from capcli.errors import CapcliError
 from conftest import SMALL
@@ -89,9 +89,9 @@ def test_the_run_records_its_precision(tmp_path, shapes_dir, no_bf16):
     assert result.exit_code == 0, result.output
     assert "capcli: precision: fp32 (auto: this CPU has no bf16 instructions, AVX512-BF16 or AMX)" in result.output
     assert json.loads((run / "config.json").read_text())["precision"] == "fp32"
-    from capcli import checkpoint
+    from capcli.model import files as model_files
 
-    assert checkpoint.load_model(run / "last.safetensors").training["precision"] == "fp32"
+    assert model_files.load_model(run / "last.safetensors").training["precision"] == "fp32"
 
 
 class _Props:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli.api import Captioner
+from capcli.infer.captioner import Captioner
 from capcli.cli import app
-from capcli.vocab import UNK
+from capcli.text.vocab import UNK
 
 ALPHABET = "AHOTXk"  # case kept: a char model must not lowercase
 SIDE, SLOT = 192, 32  # 192 px -> a 6x6 Lite0 grid: letter k sits in grid column k
@@ -91,7 +91,7 @@ def test_char_models_never_write_unk(reader):
         for hyp in [r, *r.alternatives]:
             assert set(hyp.caption) <= set(ALPHABET)
     features = captioner.encode(torch.rand(4, 3, SIDE, SIDE))
-    from capcli.sampling import DecodeOptions
+    from capcli.infer.decode import DecodeOptions
 
     for hyps in captioner.decode(features, DecodeOptions(beam_size=3, nbest=2)):
         assert all(UNK not in h.tokens for h in hyps)

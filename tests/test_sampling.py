@@ -7,9 +7,11 @@ import functools
 import pytest
 import torch
 
-from capcli.model import Decoder, ModelConfig
-from capcli.sampling import beam_search, greedy
-from capcli.vocab import END, PAD, START, UNK
+from capcli.model.decoder import Decoder
+
+from capcli.model.config import ModelConfig
+from capcli.infer.decode import beam_search, greedy
+from capcli.text.vocab import END, PAD, START, UNK
 
 V = 40
 

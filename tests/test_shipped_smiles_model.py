@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from capcli import checkpoint
-from capcli.api import Captioner, default_model_path, model_path
-from capcli.chem_metrics import rdkit_available
+from capcli.model import files as model_files
+from capcli.infer.captioner import Captioner, default_model_path, model_path
+from capcli.metrics.chemistry import rdkit_available
 from capcli.cli import app
 from capcli.errors import CapcliError
 
@@ -35,7 +35,7 @@ def test_short_names_pick_the_shipped_models(tmp_path, monkeypatch):
 
 
 def test_a_missing_shipped_model_is_a_clear_error(monkeypatch):
-    import capcli.api as api
+    import capcli.infer.captioner as api
 
     monkeypatch.setitem(api.SHIPPED_MODELS, "smiles", "nothing-here.safetensors")
     with pytest.raises(CapcliError, match="shipped model nothing-here.safetensors not found"):
@@ -44,7 +44,7 @@ def test_a_missing_shipped_model_is_a_clear_error(monkeypatch):
 
 def test_it_is_small_fp16_and_says_what_it_reads():
     assert SHIPPED.stat().st_size < 25 * 2**20
-    meta = checkpoint.read_metadata(SHIPPED)
+    meta = model_files.read_metadata(SHIPPED)
     config, vocab, training = (json.loads(meta[k]) for k in ("config", "vocab", "training"))
     assert vocab["tokenizer"] == "smiles" and config["vocab_size"] == len(vocab["words"])
     assert config["image_size"] == 384 and config["encoder"] == "lite0"

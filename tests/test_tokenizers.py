@@ -5,8 +5,8 @@ import json
 import pytest
 
 from capcli.errors import CapcliError
-from capcli.tokenizers import detokenize, tokenize
-from capcli.vocab import END, START, UNK, Vocab
+from capcli.text.tokenizers import detokenize, tokenize
+from capcli.text.vocab import END, START, UNK, Vocab
 
 
 @pytest.mark.parametrize("smiles, tokens", [

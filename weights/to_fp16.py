@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from capcli import checkpoint
+from capcli.model import files as model_files
 
 source, target = sys.argv[1], sys.argv[2]
-loaded = checkpoint.load_model(source)
-checkpoint.save_model(target, loaded.model, loaded.vocab, encoder_weights=loaded.metadata["encoder_weights"],
+loaded = model_files.load_model(source)
+model_files.save_model(target, loaded.model, loaded.vocab, encoder_weights=loaded.metadata["encoder_weights"],
                       training=loaded.training, dtype=torch.float16)
 print(target)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from capcli.api import Captioner
-from capcli.datasets import load_dataset
-from capcli.evaluate import score_predictions
-from capcli.images import ImageError, image_batches, normalize_pixels
+from capcli.infer.captioner import Captioner
+from capcli.data.datasets import load_dataset
+from capcli.metrics.captions import score_predictions
+from capcli.data.images import ImageError, image_batches, normalize_pixels
 
 
 def mean_features(captioner: Captioner, paths: list[Path]) -> torch.Tensor:

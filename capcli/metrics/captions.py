@@ -5,15 +5,13 @@ and SMILES, with chemistry metrics for SMILES when RDKit is installed."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import shutil
 from typing import Mapping, Sequence
 
-from capcli.chem_metrics import chem_scores, rdkit_available
-from capcli.images import MAX_IMAGE_PIXELS
-from capcli.sequence_metrics import sequence_scores
-from capcli.tokenizers import tokenize
+from capcli.metrics.chemistry import chem_scores, rdkit_available
+from capcli.metrics.sequence import sequence_scores
+from capcli.text.tokenizers import tokenize
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -122,51 +120,3 @@ def score_predictions(
         else:
             notes.append("chemistry metrics skipped: they need RDKit (pip install 'capcli[chem]')")
     return scores, notes
-
-
-# The validation score (record key) that picks a run's best epoch, by tokenizer; labels: curves.METRIC_LABELS.
-# Exact match stays near 0 for the first epochs of a SMILES model; edit similarity shows progress from the start.
-SELECTION = {"word": "val_bleu4", "char": "val_edit_similarity", "smiles": "val_edit_similarity"}
-# A run with self-critical training (capcli.scst) picks its best epoch by val CIDEr, in both phases.
-CIDER_SELECTION = "val_cider"
-
-
-def validation_scores(references: Mapping[str, Sequence[str]], candidates: Mapping[str, str], kind: str,
-                      cider: bool = False) -> dict[str, float]:
-    """The validation record of an epoch: BLEU-4 for words (no Java needed; and CIDEr if ``cider``),
-    else exact match and edit similarity."""
-    if kind == "word":
-        scores, _ = score_captions(references, candidates, metrics=("BLEU", "CIDEr") if cider else ("BLEU",),
-                                   tokenizer="simple")
-        return {"val_bleu4": scores["BLEU-4"], **({"val_cider": scores["CIDEr"]} if cider else {})}
-    scores = sequence_scores(references, candidates)
-    return {"val_exact_match": scores["exact match"], "val_edit_similarity": scores["edit similarity"]}
-
-
-def evaluate_model(captioner, samples, options, batch_size: int = 32, tokenizer: str = "auto", on_result=None,
-                   max_pixels: int = MAX_IMAGE_PIXELS):
-    """Caption every sample's image with ``captioner`` and score against all of its references.
-
-    ``options`` is a sampling.DecodeOptions (nbest is ignored: one caption per image is scored).
-    Returns (scores, notes, results); unreadable images are left out of the scores and listed in
-    notes. ``on_result(result)`` is called as each caption is made (for progress bars). Images of
-    more than ``max_pixels`` pixels are refused as unreadable (0: no limit).
-    """
-    references, candidates, results, failed = {}, {}, [], []
-    by_path = {str(s.image_path): s for s in samples}
-    options = dataclasses.replace(options, nbest=1)
-    for r in captioner.caption_stream([s.image_path for s in samples], options, batch_size, max_pixels=max_pixels):
-        results.append(r)
-        if on_result is not None:
-            on_result(r)
-        if not r.ok:
-            failed.append(f"{r.path}: {r.error}")
-            continue
-        references[r.path] = list(by_path[r.path].captions)
-        candidates[r.path] = r.caption
-    if not candidates:
-        raise ValueError("no image could be captioned")
-    scores, notes = score_predictions(references, candidates, captioner.vocab.tokenizer, tokenizer)
-    if failed:
-        notes.append(f"{len(failed)} unreadable images left out (first: {failed[0]})")
-    return scores, notes, results

@@ -18,13 +18,13 @@ from typing import Iterable, Iterator
 
 import torch
 
-from capcli import checkpoint
-from capcli.chem_metrics import rdkit_available, valid_first
-from capcli.devices import autocast, encoder_batch, resolve_device, resolve_precision
+from capcli.model import files as model_files
+from capcli.metrics.chemistry import rdkit_available, valid_first
+from capcli.runtime.devices import autocast, encoder_batch, resolve_device, resolve_precision
 from capcli.errors import CapcliError
-from capcli.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
-from capcli.sampling import DecodeOptions, Hypothesis, decode
-from capcli.tokenizers import DEFAULT_DECODE_LEN
+from capcli.data.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
+from capcli.infer.decode import DecodeOptions, Hypothesis, decode
+from capcli.text.tokenizers import DEFAULT_DECODE_LEN
 
 DEFAULT_MODEL_NAME = "capcli-lite0-flickr8k-mini.safetensors"
 # Short names of the shipped models, for --model NAME.
@@ -37,7 +37,7 @@ SHIPPED_MODELS = {
 
 def _shipped(file_name: str) -> Path:
     candidates = [
-        Path(__file__).resolve().parent.parent / "weights" / file_name,  # source checkout / editable install
+        Path(__file__).resolve().parents[2] / "weights" / file_name,  # source checkout / editable install
         Path(sys.prefix) / "share" / "capcli" / "weights" / file_name,  # regular install
     ]
     for path in candidates:
@@ -91,7 +91,7 @@ class CaptionResult:
 
 
 class Captioner:
-    def __init__(self, loaded: checkpoint.LoadedModel, device: torch.device, precision: str = "fp32"):
+    def __init__(self, loaded: model_files.LoadedModel, device: torch.device, precision: str = "fp32"):
         self.loaded, self.precision = loaded, precision  # the encoder's; the search runs in fp32
         self.model, self.vocab, self.metadata = loaded.model, loaded.vocab, loaded.metadata
         self.device = device
@@ -105,7 +105,7 @@ class Captioner:
         older GPUs, else fp32), fp32, bf16, or fp16 on a GPU. The search always runs in fp32."""
         dev = resolve_device(device)
         resolved = resolve_precision(precision, dev)
-        loaded = checkpoint.load_model(model_path(path), dev)
+        loaded = model_files.load_model(model_path(path), dev)
         return cls(loaded, dev, resolved)
 
     @property

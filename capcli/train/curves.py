@@ -6,6 +6,8 @@ import math
 
 from PIL import Image, ImageDraw, ImageFont
 
+from capcli.metrics.validation import METRIC_LABELS
+
 WIDTH, HEIGHT = 1200, 400
 FONT_SIZE = 14
 # Drawn at twice the size and box-filtered down: Pillow draws lines without anti-aliasing.
@@ -22,7 +24,6 @@ METRIC_COLOUR = (44, 160, 44)
 BEST_COLOUR = (214, 39, 40)
 LR_COLOUR = (148, 103, 189)
 
-METRIC_LABELS = {"val_bleu4": "val BLEU-4", "val_edit_similarity": "val edit similarity", "val_cider": "val CIDEr"}
 
 
 def render_curves(records: list[dict], selection_metric: str = "val_bleu4") -> Image.Image:

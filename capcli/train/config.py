@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, fields
 
 from capcli.choices import MODEL_LIMITS, check_names, model_setting_problem, shown
 from capcli.errors import CapcliError
-from capcli.tokenizers import TOKENIZERS
+from capcli.text.tokenizers import TOKENIZERS
 
-SCST_BASELINES = ("mean", "greedy")  # capcli.scst's (named here: this module imports no torch)
+SCST_BASELINES = ("mean", "greedy")  # capcli.train.scst's (named here: this module imports no torch)
 
 
 @dataclass
@@ -25,7 +25,7 @@ class TrainConfig:
     images: str | None = None
     split: str | None = None  # train/val/test percentages for a hash split; None: the dataset's own, else 90/5/5
     vocab: str | None = None
-    tokenizer: str = "word"  # word | char | smiles (see capcli.tokenizers); a --vocab file's must match
+    tokenizer: str = "word"  # word | char | smiles (see capcli.text.tokenizers); a --vocab file's must match
     min_freq: int | None = None  # None: 5 for words, 1 for characters and SMILES tokens
     max_len: int | None = None  # longest training caption in tokens; None: the vocabulary's (else the tokenizer's default)
     max_bad_fraction: float = 0.01  # stop when more of the images than this cannot be read
@@ -54,7 +54,7 @@ class TrainConfig:
     lr_patience: int = 2  # halve the learning rate after every this many of them (0: never)
     val_beam: int = 1  # validation captions: 1 greedy, K beam search
     init: str | None = None  # start from this model file's weights and vocabulary (and model settings)
-    # self-critical training (capcli.scst)
+    # self-critical training (capcli.train.scst)
     scst_after: int | None = None  # cross-entropy epochs before it starts; None: never
     scst_samples: int = 5  # K captions sampled per image
     scst_baseline: str = "mean"  # mean: of the image's other samples; greedy: its greedy caption's reward

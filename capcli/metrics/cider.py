@@ -9,7 +9,7 @@ over the references, x10. Like coco-caption, the "length" of a sentence is its n
 
 What differs is where the document frequencies come from. pycocoevalcap counts them from the
 references of each call, in pure Python, every time; here they are counted once, from a fixed
-corpus (the train split's references, see capcli.scst), and a reference's vector is built once per
+corpus (the train split's references, see capcli.train.scst), and a reference's vector is built once per
 ``prepare`` and reused for all candidates of its image. Sentences are lists of tokens; tokenizing
 them is the caller's business.
 """

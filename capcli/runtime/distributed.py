@@ -23,7 +23,7 @@ from typing import Callable, NoReturn, Sequence, TypeVar
 
 import torch
 
-from capcli.devices import resolve_device
+from capcli.runtime.devices import resolve_device
 from capcli.errors import CapcliError
 
 log = logging.getLogger("capcli")

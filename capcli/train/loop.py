@@ -1,12 +1,12 @@
 """Training: the loop, validation, checkpoints, resume. Teacher-forced cross-entropy on ``Decoder.step``,
-then optionally self-critical training (capcli.scst, ``--scst-after N``) on the same step.
+then optionally self-critical training (capcli.train.scst, ``--scst-after N``) on the same step.
 
-Features come from a feature source (capcli.feature_sources): the cache of a frozen encoder (the
+Features come from a feature source (capcli.train.features): the cache of a frozen encoder (the
 default: every image encoded once, an epoch only runs the decoder) or the encoder itself when it
 is fine-tuned. The loop does not know which.
 
 Under torchrun (``torchrun --nproc-per-node N -m capcli train ...``) the same code trains one
-model with DistributedDataParallel; see capcli.distributed and ``Trainer``. --batch-size stays
+model with DistributedDataParallel; see capcli.runtime.distributed and ``Trainer``. --batch-size stays
 the global batch, split across the processes, and the loss is normalised by the global batch's
 word count, so N processes take the same steps as one process with the same --batch-size.
 """
@@ -23,24 +23,30 @@ from typing import Sequence
 
 import torch
 
-from capcli import checkpoint, distributed, scst
-from capcli.cider import CiderD
-from capcli.curves import METRIC_LABELS, save_curves
-from capcli.datasets import Sample, load_dataset, parse_split_ratios, split_counts
-from capcli.devices import autocast, decoder_precision, encoder_batch, precision_note, resolve_precision
-from capcli.distributed import SINGLE, DistContext
+from capcli.model import files as model_files
+from capcli.runtime import distributed
+from capcli.train import scst
+from capcli.train import state as train_state
+from capcli.metrics.cider import CiderD
+from capcli.metrics.validation import METRIC_LABELS
+from capcli.train.curves import save_curves
+from capcli.data.datasets import Sample, load_dataset, parse_split_ratios, split_counts
+from capcli.runtime.devices import autocast, decoder_precision, encoder_batch, precision_note, resolve_precision
+from capcli.runtime.distributed import SINGLE, DistContext
 from capcli.errors import CapcliError
-from capcli.evaluate import CIDER_SELECTION, SELECTION, validation_scores
-from capcli.feature_cache import build_feature_cache, cache_key
-from capcli.feature_sources import CachedFeatures, CaptionSet, EncodedImages, length_bucketed_batches
+from capcli.metrics.validation import CIDER_SELECTION, SELECTION, validation_scores
+from capcli.train.feature_cache import build_feature_cache, cache_key
+from capcli.train.features import CachedFeatures, CaptionSet, EncodedImages, length_bucketed_batches
 from capcli.files import FileProblem, atomic_write, atomic_write_bytes, read_json
-from capcli.model import CaptionModel, ModelConfig, caption_loss
+from capcli.model.caption_model import CaptionModel
+from capcli.model.config import ModelConfig
+from capcli.train.losses import caption_loss
 from capcli.progress import Reporter
-from capcli.sampling import DecodeOptions, decode, greedy
-from capcli.signals import StopSignals, exit_code, signal_name, stop_signal
-from capcli.tokenizers import DEFAULT_DECODE_LEN
-from capcli.train_config import RESUMABLE, TrainConfig
-from capcli.vocab import PAD, Vocab
+from capcli.infer.decode import DecodeOptions, decode, greedy
+from capcli.runtime.signals import StopSignals, exit_code, signal_name, stop_signal
+from capcli.text.tokenizers import DEFAULT_DECODE_LEN
+from capcli.train.config import RESUMABLE, TrainConfig
+from capcli.text.vocab import PAD, Vocab
 
 log = logging.getLogger("capcli")
 
@@ -66,7 +72,7 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
 INIT_FIXED = ("encoder", "image_size", "grid", "attention", "rnn", "embed_dim", "attention_dim", "decoder_dim")
 
 
-def init_settings(cfg: TrainConfig, loaded: checkpoint.LoadedModel, explicit: set[str] | None = None) -> dict:
+def init_settings(cfg: TrainConfig, loaded: model_files.LoadedModel, explicit: set[str] | None = None) -> dict:
     """The settings of a run started from the model ``loaded`` (``--init``): its model settings and
     tokenizer, and its dropout unless --dropout is given. ``explicit``: the options given on the
     command line (None: those that differ from TrainConfig's defaults); one of them that contradicts
@@ -171,7 +177,7 @@ def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 class Trainer:
     """One training run; under torchrun one Trainer per process, ``ctx`` saying which.
 
-    Distributed (see capcli.distributed): every rank builds the same global batches and takes its
+    Distributed (see capcli.runtime.distributed): every rank builds the same global batches and takes its
     slice of each; DDP averages the gradients, so the ranks' weights stay identical. Rank 0 reads
     the run folder (vocabulary, checkpoints) and hands what it read to the others, and alone
     writes config.json, metrics.jsonl, curves.png and checkpoints and draws the progress bar;
@@ -199,10 +205,10 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         cfg.validate()
         torch.manual_seed(cfg.seed)
-        self.init_model: checkpoint.LoadedModel | None = None  # --init's model, on rank 0 until its weights are in
+        self.init_model: model_files.LoadedModel | None = None  # --init's model, on rank 0 until its weights are in
         if cfg.init and not self.resume:
             def read_init() -> dict:
-                self.init_model = checkpoint.load_model(cfg.init)
+                self.init_model = model_files.load_model(cfg.init)
                 return init_settings(cfg, self.init_model, self.explicit)
 
             for name, value in distributed.on_main(ctx, read_init).items():
@@ -228,7 +234,7 @@ class Trainer:
 
         def load_weights() -> str:
             if self.resume:
-                loaded = checkpoint.load_model(self.run_dir / "last.safetensors")
+                loaded = model_files.load_model(self.run_dir / "last.safetensors")
             elif cfg.init:
                 loaded, self.init_model = self.init_model, None
             else:
@@ -396,9 +402,9 @@ class Trainer:
         }
 
     def _read_state(self) -> dict:
-        meta = checkpoint.read_metadata(self.run_dir / "last.safetensors")
-        cid = checkpoint.training_record(meta).get("checkpoint_id")
-        return checkpoint.load_train_state(self.run_dir / f"last.state-{cid}.pt")
+        meta = model_files.read_metadata(self.run_dir / "last.safetensors")
+        cid = model_files.training_record(meta).get("checkpoint_id")
+        return train_state.load_train_state(self.run_dir / f"last.state-{cid}.pt")
 
     def _restore_state(self) -> None:
         state = distributed.on_main(self.ctx, self._read_state)  # rank 0 reads, every rank restores
@@ -452,13 +458,13 @@ class Trainer:
     def _write_checkpoint(self, best: bool) -> None:
         summary = self._summary()
         if best:
-            checkpoint.save_model(self.run_dir / "best.safetensors", self.model, self.vocab,
+            model_files.save_model(self.run_dir / "best.safetensors", self.model, self.vocab,
                                   encoder_weights=self.weights_source, training=summary)
         cid = f"{self.epoch}-{self.step_in_epoch}-{int(time.time() * 1000)}"
         state_path = self.run_dir / f"last.state-{cid}.pt"
-        checkpoint.save_train_state(state_path, self._state())
+        train_state.save_train_state(state_path, self._state())
         try:
-            checkpoint.save_model(self.run_dir / "last.safetensors", self.model, self.vocab,
+            model_files.save_model(self.run_dir / "last.safetensors", self.model, self.vocab,
                                   encoder_weights=self.weights_source, training={**summary, "checkpoint_id": cid})
         except BaseException:
             state_path.unlink(missing_ok=True)  # no last.safetensors names it
@@ -778,7 +784,7 @@ class Trainer:
         epoch's save, so that a resumed run continues from exactly this state."""
         if from_best:  # the best epoch is an earlier one: its weights are in best.safetensors
             def best_weights() -> None:
-                self.model.load_state_dict(checkpoint.load_model(self.run_dir / "best.safetensors").model.state_dict())
+                self.model.load_state_dict(model_files.load_model(self.run_dir / "best.safetensors").model.state_dict())
 
             distributed.on_main(self.ctx, best_weights)
             distributed.broadcast_module(self.ctx, self.model)
@@ -842,7 +848,7 @@ def resume(run_dir: str | Path, changes: dict | None = None, reporter: Reporter 
         has_checkpoint = (run_dir / "last.safetensors").is_file()
         if has_checkpoint:  # config.json and vocab.json must still be last.safetensors' own (edited by hand?)
             vocab = Vocab.load(run_dir / "vocab.json")
-            checkpoint.check_same_model(run_dir / "last.safetensors", model_config(settings, len(vocab)), vocab,
+            model_files.check_same_model(run_dir / "last.safetensors", model_config(settings, len(vocab)), vocab,
                                         config_path, run_dir / "vocab.json")
         else:
             # Stopped before its first checkpoint (while caching features): it starts over, reusing

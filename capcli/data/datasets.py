@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 from capcli.choices import shown
 from capcli.errors import CapcliError
 from capcli.files import FileProblem, parse_json
-from capcli.images import IMAGE_SUFFIXES
+from capcli.data.images import IMAGE_SUFFIXES
 
 log = logging.getLogger("capcli")
 

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from capcli import __version__
+from capcli.version import __version__
 from capcli.errors import CapcliError
 
 log = logging.getLogger("capcli")

@@ -19,9 +19,9 @@ from typing import Sequence
 
 import torch
 
-from capcli.feature_cache import FeatureCache
-from capcli.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
-from capcli.model import ModelConfig
+from capcli.train.feature_cache import FeatureCache
+from capcli.data.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
+from capcli.model.config import ModelConfig
 
 
 @dataclass

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from capcli.model import Decoder, DecoderState
-from capcli.vocab import END, PAD, START, UNK
+from capcli.model.decoder import Decoder, DecoderState
+from capcli.text.vocab import END, PAD, START, UNK
 
 BANNED = (PAD, START, UNK)
 

@@ -12,7 +12,7 @@ from typing import Iterable, Sequence
 from capcli.choices import MODEL_LIMITS, shown
 from capcli.errors import CapcliError
 from capcli.files import FileProblem, atomic_write_bytes, read_json
-from capcli.tokenizers import DEFAULT_MAX_LEN, check_tokenizer, detokenize, tokenize
+from capcli.text.tokenizers import DEFAULT_MAX_LEN, check_tokenizer, detokenize, tokenize
 
 SPECIALS = ("<pad>", "<start>", "<end>", "<unk>")
 PAD, START, END, UNK = range(4)
@@ -31,7 +31,7 @@ class Vocab:
     counts: dict[str, int] = field(default_factory=dict)  # train-split counts, for the record
     min_freq: int = 1
     max_len: int = 50  # longest training sequence, in tokens
-    tokenizer: str = "word"  # see capcli.tokenizers
+    tokenizer: str = "word"  # see capcli.text.tokenizers
 
     def __post_init__(self) -> None:
         try:

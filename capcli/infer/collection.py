@@ -25,10 +25,10 @@ from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
-from capcli.distributed import shard_range
+from capcli.runtime.distributed import shard_range
 from capcli.errors import CapcliError
 from capcli.files import FileProblem, atomic_write, atomic_write_bytes, parse_json
-from capcli.images import IMAGE_SUFFIXES, is_url
+from capcli.data.images import IMAGE_SUFFIXES, is_url
 
 log = logging.getLogger("capcli")
 

@@ -1,8 +1,8 @@
-"""Model files (one safetensors file: weights + config + vocabulary + provenance) and training state."""
+"""Model files: one safetensors file holding the weights, and in its metadata the config, the
+vocabulary and how the model was trained. Checked whole before anything is allocated."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -14,11 +14,11 @@ from torch.overrides import TorchFunctionMode
 from capcli.choices import shown
 from capcli.errors import CapcliError
 from capcli.files import FileProblem, atomic_write_bytes, parse_json, safetensors_header
-from capcli.model import CaptionModel, ModelConfig
-from capcli.vocab import Vocab
+from capcli.model.caption_model import CaptionModel
+from capcli.model.config import ModelConfig
+from capcli.text.vocab import Vocab
 
 
-# --------------------------------------------------------------------------- model files
 
 FORMAT = "capcli-model"
 FORMAT_VERSION = "1"
@@ -269,21 +269,3 @@ def load_model(path: str | Path, device: str = "cpu", *, encoder: str | None = N
 
 def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else ""
-
-
-# --------------------------------------------------------------------------- training state
-
-def save_train_state(path: Path, state: dict) -> None:
-    """Optimizer, scheduler, counters and RNG for --resume: plain tensors and numbers, no objects."""
-    buffer = io.BytesIO()  # as save_model: torch.save's writer turns a full disk into "enforce fail ..."
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getbuffer())
-
-
-def load_train_state(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CapcliError(f"{path}: no such file") from None
-    except Exception as e:
-        raise CapcliError(f"{path}: cannot read training state ({e.__class__.__name__})") from None

@@ -17,12 +17,12 @@ from typing import Sequence
 
 import torch
 
-from capcli import distributed
-from capcli.devices import autocast
-from capcli.distributed import DistContext
+from capcli.runtime import distributed
+from capcli.runtime.devices import autocast
+from capcli.runtime.distributed import DistContext
 from capcli.files import FileProblem, atomic_write_bytes, parse_json
-from capcli.images import ImageError, image_batches, normalize_pixels
-from capcli.model import ModelConfig
+from capcli.data.images import ImageError, image_batches, normalize_pixels
+from capcli.model.config import ModelConfig
 from capcli.progress import Reporter
 
 log = logging.getLogger("capcli")

@@ -20,17 +20,23 @@ to cut sentences short after the words that score.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from capcli.cider import CiderD, document_frequencies, fingerprint, load_document_frequencies, save_document_frequencies
-from capcli.model import Decoder
-from capcli.sampling import BANNED
-from capcli.tokenizers import tokenize
-from capcli.vocab import END, PAD, START
+from capcli.infer.decode import BANNED, greedy
+from capcli.metrics.cider import CiderD, document_frequencies, fingerprint, load_document_frequencies, save_document_frequencies
+from capcli.model.decoder import Decoder
+from capcli.runtime import distributed
+from capcli.runtime.devices import autocast
+from capcli.text.tokenizers import tokenize
+from capcli.text.vocab import END, PAD, START
+
+if TYPE_CHECKING:
+    from capcli.train.objective import StepContext
 
 END_TOKEN = "<end>"  # the word tokenizer never makes it (no "<" or ">" in a word)
 DF_FILE = "cider-df.json"
@@ -170,3 +176,66 @@ class CiderReward:
         """(N,) float32 rewards of ``sample``'s output, on the CPU."""
         rows = samples.tokens.masked_fill(~samples.mask, PAD).tolist()
         return torch.tensor(self(images, list(zip(rows, samples.ended.tolist()))), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- the objective
+
+class SelfCritical:
+    """The self-critical objective: batches of --batch-size // K train images (rows of the source),
+    K samples each, rewarded by CIDEr-D; under DDP each process samples for its slice.
+
+    The loss is divided by the global batch's token count (one all-reduce: it is known only once
+    the captions are sampled) and scaled by the number of processes, so DDP's average is the
+    global batch's gradient, as in cross-entropy training."""
+
+    phase = "scst"
+
+    def __init__(self, run: "StepContext", images: Sequence[int], reward: CiderReward, max_len: int):
+        self.run, self.images, self.reward, self.max_len = run, sorted(set(images)), reward, max_len
+
+    def batches(self, generator: torch.Generator) -> list[list[int]]:
+        cfg = self.run.cfg
+        return image_batches(self.images, max(1, cfg.batch_size // cfg.scst_samples), generator)
+
+    def step(self, batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        run = self.run
+        cfg, ctx, K = run.cfg, run.ctx, run.cfg.scst_samples
+        weight = 1.0
+        mine = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
+        inputs = run.source.load(sorted(set(mine)))
+        mine = [i for i in mine if i in inputs.usable]
+        if not mine:  # nothing to train on here: join the all-reduces with a zero-weight image
+            mine, weight = batch[:1], 0.0
+            inputs = run.source.placeholder(batch[0])
+        with autocast(run.device, run.precision):
+            x, rows = inputs.for_captions(mine)  # (B, L, D), or images and the row of each
+            samples, features = run.net(x, rows, lambda decoder, f: sample(decoder, f, K, self.max_len))
+        t0 = time.time()
+        rewards = self.reward.of_samples(mine, samples)  # (B*K,)
+        reward_seconds = time.time() - t0  # what CIDEr-D costs, for the benchmark
+        if cfg.scst_baseline == "greedy":
+            run.decoder.eval()  # the test-time caption: no dropout
+            with torch.no_grad(), autocast(run.device, run.precision):
+                hyps = greedy(run.decoder, features.detach(), max_len=self.max_len)
+            run.decoder.train()
+            t0 = time.time()
+            baseline = torch.tensor(self.reward(mine, [(h.tokens, h.finished) for h in hyps])).repeat_interleave(K)
+            reward_seconds += time.time() - t0
+        else:
+            baseline = mean_of_others(rewards.view(-1, K)).view(-1)  # (B*K,)
+        n_tokens = int(samples.mask.sum())
+        entropy = float(samples.entropy.sum())
+        totals = torch.tensor([n_tokens, float(rewards.sum()), entropy, rewards.numel()], dtype=torch.float64) * weight
+        totals = distributed.all_reduce_sum(ctx, totals.to(run.device)).tolist()  # (4,) over the global batch
+        loss_value = loss(samples, (rewards - baseline).to(run.device), total_tokens=totals[0], scale=ctx.world_size * weight)
+        return loss_value, {"tokens": int(totals[0]), "reward": totals[1], "entropy": totals[2],
+                            "captions": int(totals[3]), "reward_seconds": reward_seconds}
+
+    def progress(self, sums: dict) -> dict[str, float]:
+        return {"reward": sums.get("reward", 0.0) / max(sums.get("captions", 0), 1),
+                "entropy": sums.get("entropy", 0.0) / max(sums.get("tokens", 0), 1)}
+
+    def summary(self, sums: dict) -> tuple[dict, float, str]:
+        reward, entropy = self.progress(sums)["reward"], self.progress(sums)["entropy"]
+        record = {"train_reward": reward, "train_entropy": entropy, "reward_seconds": sums.get("reward_seconds", 0.0)}
+        return record, reward, f"train reward {reward:.4f}, entropy {entropy:.3f}"  # no val images: by the mean reward

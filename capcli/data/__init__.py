@@ -1,0 +1,1 @@
+"""Datasets on disk (layouts, caption tables, splits) and images (decoding, URLs, batches)."""

@@ -1,0 +1,1 @@
+"""Scores: caption metrics, CIDEr-D, sequence metrics, chemistry, and the validation score."""

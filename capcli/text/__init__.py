@@ -1,0 +1,1 @@
+"""Text <-> tokens: the tokenizers (words, characters, SMILES) and the vocabulary."""
