@@ -25,7 +25,7 @@ from capcli.model.decoder import Decoder
 from capcli.model.config import ModelConfig
 from capcli.train.losses import caption_loss
 from capcli.train.features import length_bucketed_batches
-from capcli.train.loop import collate
+from capcli.train.xe import collate
 from conftest import SMALL
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")

@@ -308,19 +308,19 @@ def test_a_resumed_epoch_counts_the_seconds_of_its_steps_only(tmp_path, shapes_d
     from capcli.train import loop as training
 
     run, calls = tmp_path / "run", []
-    real_step = training.Trainer._train_step
+    real_step = training.Trainer._step
 
-    def step_then_ctrl_c(self, batch):
+    def step_then_ctrl_c(self, objective, batch):
         calls.append(1)
         if len(calls) == 5:
             os.kill(os.getpid(), signal.SIGINT)  # noted; the run stops after this step
-        return real_step(self, batch)
+        return real_step(self, objective, batch)
 
-    monkeypatch.setattr(training.Trainer, "_train_step", step_then_ctrl_c)
+    monkeypatch.setattr(training.Trainer, "_step", step_then_ctrl_c)
     result = CliRunner().invoke(app, ["train", "-o", str(run), "--data", str(shapes_dir), "--epochs", "1",
                                       "--save-every", "0", *ARGS])
     assert result.exit_code == 130 and "interrupted in epoch 1 at step 5 by Ctrl-C" in result.stderr, result.output
-    monkeypatch.setattr(training.Trainer, "_train_step", real_step)
+    monkeypatch.setattr(training.Trainer, "_step", real_step)
     real_time = time.time
     monkeypatch.setattr(training.time, "time", lambda: real_time() + 3600)  # resumed an hour later
     assert CliRunner().invoke(app, ["train", "--resume", str(run)]).exit_code == 0

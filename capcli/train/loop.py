@@ -19,7 +19,6 @@ import math
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -41,12 +40,14 @@ from capcli.files import FileProblem, atomic_write, atomic_write_bytes, read_jso
 from capcli.model.caption_model import CaptionModel
 from capcli.model.config import ModelConfig
 from capcli.train.losses import caption_loss
+from capcli.train.objective import Objective, StepContext, TrainNet
+from capcli.train.xe import CrossEntropy, collate, teacher_forced
 from capcli.progress import Reporter
-from capcli.infer.decode import DecodeOptions, decode, greedy
+from capcli.infer.decode import DecodeOptions, decode
 from capcli.runtime.signals import StopSignals, exit_code, signal_name, stop_signal
 from capcli.text.tokenizers import DEFAULT_DECODE_LEN
 from capcli.train.config import RESUMABLE, TrainConfig
-from capcli.text.vocab import PAD, Vocab
+from capcli.text.vocab import Vocab
 
 log = logging.getLogger("capcli")
 
@@ -97,16 +98,6 @@ def init_settings(cfg: TrainConfig, loaded: model_files.LoadedModel, explicit: s
     return settings
 
 
-def collate(tokens: Sequence[list[int]], device: torch.device):
-    """Captions -> (padded ids (N, T+1), lengths, order): longest first, as Decoder.forward wants."""
-    order = sorted(range(len(tokens)), key=lambda i: -len(tokens[i]))
-    lengths = [len(tokens[i]) for i in order]
-    padded = torch.full((len(order), lengths[0]), PAD, dtype=torch.long)  # (N, T+1)
-    for row, i in enumerate(order):
-        padded[row, : lengths[row]] = torch.tensor(tokens[i])
-    return padded.to(device, non_blocking=True), lengths, order
-
-
 def plateau_step(improved: bool, bad_epochs: int, lr_patience: int, patience: int) -> tuple[int, bool, bool]:
     """After an epoch: (bad epochs since the best, halve the learning rate now?, stop now?).
 
@@ -116,29 +107,6 @@ def plateau_step(improved: bool, bad_epochs: int, lr_patience: int, patience: in
     bad_epochs = 0 if improved else bad_epochs + 1
     halve = not improved and lr_patience > 0 and bad_epochs % lr_patience == 0
     return bad_epochs, halve, bad_epochs >= patience
-
-
-class _TrainNet(torch.nn.Module):
-    """What DistributedDataParallel wraps: one forward from the batch's inputs to the decoder's outputs.
-
-    Inputs are cached features (N, L, D), or with a fine-tuned encoder the batch's images
-    (n_img, 3, S, S) and ``rows``, the image of each caption: the encoder then runs inside the
-    forward, so DDP also averages the gradients of its unfrozen blocks.
-    """
-
-    def __init__(self, model: CaptionModel):
-        super().__init__()
-        self.encoder, self.decoder = model.encoder, model.decoder
-
-    def forward(self, x: torch.Tensor, padded: torch.Tensor | None = None, lengths: list[int] | None = None,
-                rows: torch.Tensor | None = None, sample: tuple[int, int] | None = None):
-        """Teacher forcing: logits (N, T, V), alphas (N, T, L). With ``sample`` = (K, max_len), one
-        row of x per image: K sampled captions per image (scst.Samples) and the features (B, L, D)."""
-        if rows is not None:
-            x = self.encoder(x)[rows]  # (N, L, D): once per image, shared by its captions
-        if sample is not None:
-            return scst.sample(self.decoder, x, *sample), x
-        return self.decoder(x, padded, lengths)  # (N, T, V), (N, T, L)
 
 
 def _reason(e: OSError) -> str:
@@ -286,11 +254,17 @@ class Trainer:
         if self.resume:
             self._restore_state()
 
-        self.train_net = _TrainNet(self.model)
+        self.train_net = TrainNet(self.model)
         self.net: torch.nn.Module = self.train_net
         if ctx.enabled:
             self.net = distributed.wrap_ddp(self.train_net, self.device)
             distributed.log_batch_plan(ctx, self.device, cfg.batch_size, self.optimizer.param_groups[0]["lr"])
+        # The objective of each phase; the loop runs whichever self.phase names.
+        run = StepContext(cfg, ctx, self.net, self.model.decoder, self.source, self.device, self.decoder_precision)
+        self.objectives: dict[str, Objective] = {"xe": CrossEntropy(run, self.train_set)}
+        if self.reward is not None:
+            max_len = min(self.vocab.max_len, DEFAULT_DECODE_LEN["word"])
+            self.objectives["scst"] = scst.SelfCritical(run, self.train_set.image, self.reward, max_len)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over the decoder (and the fine-tuned encoder blocks), at the learning rates of the phase."""
@@ -510,13 +484,9 @@ class Trainer:
     def _run_epoch(self, epoch: int, last_save: float) -> None:
         """The training steps of ``epoch`` from ``step_in_epoch`` on, saving every --save-every minutes."""
         cfg, ctx = self.cfg, self.ctx
+        objective = self.objectives[self.phase]
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # the same global batches on every rank
-        if self.phase == "scst":  # by image: --batch-size sampled captions, K per image
-            images = sorted(set(self.train_set.image))  # the same on every rank
-            batches = scst.image_batches(images, max(1, cfg.batch_size // cfg.scst_samples), g)
-        else:
-            batches = self.source.batches(self.train_set, cfg.batch_size, g)  # each step takes this rank's slice
-        step = self._scst_step if self.phase == "scst" else self._train_step
+        batches = objective.batches(g)  # each step takes this rank's slice
         if self.step_in_epoch == 0:
             torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and sampling: reproducible per epoch
             self.epoch_sums = self._new_sums()
@@ -531,20 +501,13 @@ class Trainer:
             self._stop_if_signalled(f"in epoch {epoch} at step {self.step_in_epoch}")
             if ctx.enabled:
                 torch.manual_seed(_step_seed(cfg.seed, epoch, self.step_in_epoch, ctx.rank))
-            step(batch)  # also counts the step
+            self._step(objective, batch)
             if distributed.sync_check_enabled():
                 distributed.check_in_sync(ctx, self.model, f"epoch {epoch} step {self.step_in_epoch}")
                 self.sync_checks += 1
             self.epoch_sums["seconds"] = seconds_before + time.time() - t_start
             s = self.epoch_sums
-            if self.phase == "scst":
-                self.reporter.update(1, reward=s["reward"] / max(s["captions"], 1),
-                                     entropy=s["entropy"] / max(s["tokens"], 1),
-                                     captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
-            else:
-                self.reporter.update(1, loss=s["nll"] / max(s["words"], 1),
-                                     ppl=math.exp(min(s["nll"] / max(s["words"], 1), 50)),
-                                     captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
+            self.reporter.update(1, **objective.progress(s), captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
             if cfg.save_every and time.time() - last_save > 60 * cfg.save_every:
                 self.save()
                 last_save = time.time()
@@ -566,33 +529,12 @@ class Trainer:
         raise TrainingInterrupted(f"interrupted {where} by {signal_name(signum)}; saved {self.run_dir / 'last.safetensors'}; "
                                   f"continue with: {self._again()}", exit_code(signum))
 
-    def _train_step(self, batch: list[int]) -> None:
-        """One optimizer step on global batch ``batch``; under DDP this rank computes its slice of it.
-
-        Captions of images found unreadable are left out; the loss is still divided by the
-        global batch's word count (every rank knows it without asking the others).
-        """
-        cfg, ctx = self.cfg, self.ctx
-        captions = self.train_set
-        weight = 1.0
-        mine = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
-        inputs = self.source.load(sorted({captions.image[i] for i in mine}))
-        mine = [i for i in mine if captions.image[i] in inputs.usable]
-        if not mine:  # nothing to train on here: join the gradient all-reduce with a zero-weight caption
-            mine, weight = batch[:1], 0.0
-            inputs = self.source.placeholder(captions.image[batch[0]])
-        total_words = sum(len(captions.tokens[i]) - 1 for i in batch)
-        padded, lengths, order = collate([captions.tokens[i] for i in mine], self.device)
-        attention_reg = cfg.attention_reg if self.model.cfg.attention != "none" else 0.0
-        with autocast(self.device, self.decoder_precision):
-            x, rows = inputs.for_captions([captions.image[mine[i]] for i in order])  # (N, L, D), or images and rows
-            logits, alphas = self.net(x, padded, lengths, rows)
-            loss, nll, _ = caption_loss(logits, alphas, padded, lengths, cfg.label_smoothing, attention_reg,
-                                      total_words=total_words, total_captions=len(batch), scale=ctx.world_size * weight)
+    def _step(self, objective: Objective, batch: list[int]) -> None:
+        """One optimizer step of ``objective`` on global batch ``batch``."""
+        loss, figures = objective.step(batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
-        nll = float(distributed.all_reduce_sum(ctx, (nll * weight).reshape(1)))
-        self._update({"nll": nll, "words": total_words, "captions": len(batch)})
+        self._update(figures)
 
     def _update(self, totals: dict) -> None:
         """The optimizer step after backward; counts the step and adds ``totals`` to the epoch's sums.
@@ -609,50 +551,6 @@ class Trainer:
         self.step_in_epoch += 1
         for k, v in totals.items():
             self.epoch_sums[k] += v
-
-    def _scst_step(self, batch: list[int]) -> None:
-        """One self-critical step on global batch ``batch`` of train images (rows of the source):
-        K samples per image, rewarded by CIDEr-D; under DDP this rank samples for its slice.
-
-        The loss is divided by the global batch's token count (one all-reduce before backward: it is
-        known only once the captions are sampled) and scaled by the number of processes, so DDP's
-        average is the global batch's gradient, as in _train_step.
-        """
-        cfg, ctx, K = self.cfg, self.ctx, self.cfg.scst_samples
-        weight = 1.0
-        mine = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
-        inputs = self.source.load(sorted(set(mine)))
-        mine = [i for i in mine if i in inputs.usable]
-        if not mine:  # nothing to train on here: join the all-reduces with a zero-weight image
-            mine, weight = batch[:1], 0.0
-            inputs = self.source.placeholder(batch[0])
-        max_len = min(self.vocab.max_len, DEFAULT_DECODE_LEN["word"])
-        with autocast(self.device, self.decoder_precision):
-            x, rows = inputs.for_captions(mine)  # (B, L, D), or images and the row of each
-            samples, features = self.net(x, rows=rows, sample=(K, max_len))
-        t0 = time.time()
-        rewards = self.reward.of_samples(mine, samples)  # (B*K,)
-        reward_seconds = time.time() - t0  # what CIDEr-D costs, for the benchmark
-        if cfg.scst_baseline == "greedy":
-            self.model.decoder.eval()  # the test-time caption: no dropout
-            with torch.no_grad(), autocast(self.device, self.decoder_precision):
-                hyps = greedy(self.model.decoder, features.detach(), max_len=max_len)
-            self.model.decoder.train()
-            t0 = time.time()
-            baseline = torch.tensor(self.reward(mine, [(h.tokens, h.finished) for h in hyps])).repeat_interleave(K)
-            reward_seconds += time.time() - t0
-        else:
-            baseline = scst.mean_of_others(rewards.view(-1, K)).view(-1)  # (B*K,)
-        n_tokens = int(samples.mask.sum())
-        entropy = float(samples.entropy.sum())
-        totals = torch.tensor([n_tokens, float(rewards.sum()), entropy, rewards.numel()], dtype=torch.float64) * weight
-        totals = distributed.all_reduce_sum(ctx, totals.to(self.device)).tolist()  # (4,) over the global batch
-        loss = scst.loss(samples, (rewards - baseline).to(self.device), total_tokens=totals[0],
-                         scale=ctx.world_size * weight)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
-        self._update({"tokens": int(totals[0]), "reward": totals[1], "entropy": totals[2], "captions": int(totals[3]),
-                      "reward_seconds": reward_seconds})
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -677,7 +575,7 @@ class Trainer:
             padded, lengths, order = collate([captions.tokens[i] for i in batch], self.device)
             with autocast(self.device, self.decoder_precision):
                 x, rows = inputs.for_captions([captions.image[batch[i]] for i in order])
-                logits, alphas = self.train_net(x, padded, lengths, rows)
+                (logits, alphas), _ = self.train_net(x, rows, teacher_forced(padded, lengths))
                 _, nll, n = caption_loss(logits, alphas, padded, lengths)
             nll_sum, words = nll_sum + float(nll), words + n
         images = sorted(set(captions.image))
@@ -725,14 +623,7 @@ class Trainer:
             for bad in distributed.all_gather_object(self.ctx, self.source.bad):
                 self.source.bad.update(bad)
         phase = self.phase
-        if phase == "scst":
-            reward, entropy = s["reward"] / max(s["captions"], 1), s["entropy"] / max(s["tokens"], 1)
-            train = {"train_reward": reward, "train_entropy": entropy, "reward_seconds": s["reward_seconds"]}
-            fallback = reward  # no val images: the best epoch by the mean train reward
-        else:
-            train_loss = s["nll"] / max(s["words"], 1)
-            train = {"train_loss": train_loss, "train_ppl": math.exp(min(train_loss, 50))}
-            fallback = -train_loss
+        train, fallback, progress = self.objectives[phase].summary(s)  # fallback: the score without val images
         key, label = self.selection
         score = val.get(key, fallback)
         # Rank 0's numbers decide for all: the same best model, learning-rate halving and early stop everywhere.
@@ -754,8 +645,6 @@ class Trainer:
                 group["lr"] *= 0.5
         self.epoch, self.step_in_epoch = epoch, 0
         self.history.append(record)
-        progress = (f"train reward {reward:.4f}, entropy {entropy:.3f}" if phase == "scst"
-                    else f"train loss {train_loss:.3f}")
         log.info(
             "epoch %d: %s, val loss %s, %s %s%s, %.0f captions/s%s",
             epoch, progress, f"{val['val_loss']:.3f}" if val else "-", label, f"{val[key]:.4f}" if val else "-",
