@@ -141,7 +141,7 @@ def test_unreadable_images_are_skipped_or_stop_training(tmp_path, shapes_dir):
 def test_resuming_with_a_gradient_scaler_after_a_run_without_one():
     """fp16 (or a GPU that needs a scaler) after a run saved without one: the saved scaler state is
     empty, and loading it into an enabled scaler raised. A fresh scaler starts instead."""
-    from capcli.train.loop import restore_scaler
+    from capcli.train.state import restore_scaler
 
     enabled = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
     restore_scaler(enabled, torch.amp.GradScaler("cpu", enabled=False).state_dict())  # {}: raised before
@@ -157,7 +157,7 @@ def test_resuming_with_a_gradient_scaler_after_a_run_without_one():
 def test_resume_restores_the_training_gpus_generator_only(monkeypatch):
     """Older runs saved the generator of every visible GPU and restored them all, which raised when
     fewer GPUs were visible at resume; now only the training device's is saved and restored."""
-    from capcli.train.loop import restore_cuda_rng
+    from capcli.train.state import restore_cuda_rng
 
     calls = []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": calls.append((state, device)))

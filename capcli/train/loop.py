@@ -41,6 +41,7 @@ from capcli.model.caption_model import CaptionModel
 from capcli.model.config import ModelConfig
 from capcli.train.losses import caption_loss
 from capcli.train.objective import Objective, StepContext, TrainNet
+from capcli.train.state import TrainState, new_sums
 from capcli.train.xe import CrossEntropy, collate, teacher_forced
 from capcli.progress import Reporter
 from capcli.infer.decode import DecodeOptions, decode
@@ -113,26 +114,6 @@ def _reason(e: OSError) -> str:
     """An OSError's reason in capcli's words: "read-only file system", "no space left on device"."""
     text = e.strerror or str(e) or e.__class__.__name__
     return text[:1].lower() + text[1:]
-
-
-def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> None:
-    """Load a saved gradient scaler's state where both sides have one. A run saved without a
-    scaler (fp32, bf16) and resumed with fp16 starts a fresh one; a disabled scaler ignores one."""
-    if saved and scaler.is_enabled():
-        scaler.load_state_dict(saved)
-
-
-def restore_cuda_rng(saved, device: torch.device) -> None:
-    """Restore the training GPU's random generator. Runs saved by older capcli hold a list with
-    every GPU that was visible then: the entry of this device's index is the one that trained."""
-    if device.type != "cuda" or saved is None:
-        return
-    if isinstance(saved, (list, tuple)):
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= len(saved):
-            return
-        saved = saved[index]
-    torch.cuda.set_rng_state(saved, device)
 
 
 def _step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -236,9 +217,9 @@ class Trainer:
         self.val_set = self._encode_captions(self.val_samples, len(self.train_samples))
 
         # The phase of the next epoch: "xe" (cross-entropy) or "scst"; see _end_epoch for the switch.
-        self.phase = "scst" if cfg.scst_after == 0 else "xe"
-        self.optimizer = self._new_optimizer()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.decoder_precision == "fp16")
+        phase = "scst" if cfg.scst_after == 0 else "xe"  # see _end_epoch for the switch
+        self.state = TrainState(self._new_optimizer(phase), torch.amp.GradScaler("cuda", enabled=self.decoder_precision == "fp16"),
+                                phase=phase, bad_images=self.source.bad)
         self.reward = self._reward() if cfg.scst_after is not None else None
         if cfg.scst_after is not None and cfg.scst_after >= cfg.epochs:
             log.warning("--scst-after %d: no self-critical epoch within --epochs %d", cfg.scst_after, cfg.epochs)
@@ -246,11 +227,6 @@ class Trainer:
             log.warning("self-critical training from untrained weights rarely learns: start from a cross-entropy "
                         "model with --init, or give --scst-after N > 0")
 
-        self.epoch = 0  # epochs completed
-        self.step_in_epoch = 0
-        self.best_score, self.best_epoch, self.bad_epochs = float("-inf"), 0, 0
-        self.epoch_sums = self._new_sums()
-        self.history: list[dict] = []  # one record per finished epoch: metrics.jsonl and curves.png
         if self.resume:
             self._restore_state()
 
@@ -258,31 +234,25 @@ class Trainer:
         self.net: torch.nn.Module = self.train_net
         if ctx.enabled:
             self.net = distributed.wrap_ddp(self.train_net, self.device)
-            distributed.log_batch_plan(ctx, self.device, cfg.batch_size, self.optimizer.param_groups[0]["lr"])
-        # The objective of each phase; the loop runs whichever self.phase names.
+            distributed.log_batch_plan(ctx, self.device, cfg.batch_size, self.state.optimizer.param_groups[0]["lr"])
+        # The objective of each phase; the loop runs whichever state.phase names.
         run = StepContext(cfg, ctx, self.net, self.model.decoder, self.source, self.device, self.decoder_precision)
         self.objectives: dict[str, Objective] = {"xe": CrossEntropy(run, self.train_set)}
         if self.reward is not None:
             max_len = min(self.vocab.max_len, DEFAULT_DECODE_LEN["word"])
             self.objectives["scst"] = scst.SelfCritical(run, self.train_set.image, self.reward, max_len)
 
-    def _new_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over the decoder (and the fine-tuned encoder blocks), at the learning rates of the phase."""
+    def _new_optimizer(self, phase: str) -> torch.optim.Optimizer:
+        """AdamW over the decoder (and the fine-tuned encoder blocks), at the learning rates of ``phase``."""
         cfg = self.cfg
         lr, encoder_lr = cfg.lr, cfg.encoder_lr
-        if self.phase == "scst":  # the encoder's rate keeps its ratio to the decoder's
+        if phase == "scst":  # the encoder's rate keeps its ratio to the decoder's
             lr, encoder_lr = cfg.scst_lr, (cfg.encoder_lr * cfg.scst_lr / cfg.lr if cfg.lr else cfg.scst_lr)
         groups = [{"params": list(self.model.decoder.parameters()), "lr": lr}]
         encoder_params = [p for p in self.model.encoder.parameters() if p.requires_grad]
         if encoder_params:
             groups.append({"params": encoder_params, "lr": encoder_lr})
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-    @staticmethod
-    def _new_sums() -> dict:
-        """An epoch's running totals: words and NLL (cross-entropy), samples, tokens, reward, entropy (SCST)."""
-        return {"nll": 0.0, "words": 0, "captions": 0, "seconds": 0.0,
-                "reward": 0.0, "entropy": 0.0, "tokens": 0, "reward_seconds": 0.0}
 
     @property
     def selection(self) -> tuple[str, str]:
@@ -363,45 +333,24 @@ class Trainer:
         return out
 
     # ---------------------------------------------------------------- state
-    def _state(self) -> dict:
-        return {
-            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-            "best_score": self.best_score, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
-            "phase": self.phase, "epoch_sums": dict(self.epoch_sums), "history": list(self.history),
-            "bad_images": {str(k): v for k, v in self.source.bad.items()},
-            "rng": torch.get_rng_state(),
-            # The training GPU's generator only: a resume may see fewer GPUs than the run did.
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-        }
-
     def _read_state(self) -> dict:
         meta = model_files.read_metadata(self.run_dir / "last.safetensors")
         cid = model_files.training_record(meta).get("checkpoint_id")
         return train_state.load_train_state(self.run_dir / f"last.state-{cid}.pt")
 
     def _restore_state(self) -> None:
-        state = distributed.on_main(self.ctx, self._read_state)  # rank 0 reads, every rank restores
-        self.phase = state.get("phase", "xe")
-        self.optimizer.load_state_dict(state["optimizer"])  # the learning rates too, the phase's
-        restore_scaler(self.scaler, state.get("scaler") or {})
-        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
-        self.best_score, self.best_epoch, self.bad_epochs = state["best_score"], state["best_epoch"], state["bad_epochs"]
-        self.epoch_sums = {**self._new_sums(), **state["epoch_sums"]}
-        self.history = list(state.get("history", []))
-        self.source.bad.update({int(k): v for k, v in state.get("bad_images", {}).items()})
-        torch.set_rng_state(state["rng"])
-        if not self.ctx.enabled:  # under DDP dropout is seeded per step instead
-            restore_cuda_rng(state.get("cuda_rng"), self.device)
-        where = f"epoch {self.epoch + 1}, step {self.step_in_epoch}" if self.step_in_epoch else f"after epoch {self.epoch}"
+        saved = distributed.on_main(self.ctx, self._read_state)  # rank 0 reads, every rank restores
+        self.state.restore(saved, self.device, cuda_rng=not self.ctx.enabled)  # under DDP dropout is seeded per step
+        state = self.state
+        where = f"epoch {state.epoch + 1}, step {state.step_in_epoch}" if state.step_in_epoch else f"after epoch {state.epoch}"
         log.info("resuming %s (%s)", self.run_dir, where)
 
     def _summary(self, **extra) -> dict:
         summary = {
             "data": self.cfg.data or self.cfg.captions, "split": self.cfg.split, "split_source": self.split_source,
-            "epochs": self.epoch, "best_epoch": self.best_epoch,
+            "epochs": self.state.epoch, "best_epoch": self.state.best_epoch,
             "selection": self.selection[0],
-            self.selection[0]: None if self.best_score == float("-inf") else self.best_score,
+            self.selection[0]: None if self.state.best_score == float("-inf") else self.state.best_score,
             "train_images": len(self.train_samples), "train_captions": len(self.train_set),
             "lr": self.cfg.lr, "batch_size": self.cfg.batch_size, "seed": self.cfg.seed, "precision": self.precision,
             "options": {k: v for k, v in self.cfg.to_dict().items() if k not in ("output", "data", "captions", "images")},
@@ -434,9 +383,9 @@ class Trainer:
         if best:
             model_files.save_model(self.run_dir / "best.safetensors", self.model, self.vocab,
                                   encoder_weights=self.weights_source, training=summary)
-        cid = f"{self.epoch}-{self.step_in_epoch}-{int(time.time() * 1000)}"
+        cid = f"{self.state.epoch}-{self.state.step_in_epoch}-{int(time.time() * 1000)}"
         state_path = self.run_dir / f"last.state-{cid}.pt"
-        train_state.save_train_state(state_path, self._state())
+        train_state.save_train_state(state_path, self.state.to_dict(self.device))
         try:
             model_files.save_model(self.run_dir / "last.safetensors", self.model, self.vocab,
                                   encoder_weights=self.weights_source, training={**summary, "checkpoint_id": cid})
@@ -446,8 +395,8 @@ class Trainer:
         for old in self.run_dir.glob("last.state-*.pt"):
             if old != state_path:
                 old.unlink(missing_ok=True)
-        atomic_write_bytes(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history).encode())
-        save_curves(self.run_dir / "curves.png", self.history, self.selection[0] if self.val_samples else "train_loss",
+        atomic_write_bytes(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.state.history).encode())
+        save_curves(self.run_dir / "curves.png", self.state.history, self.selection[0] if self.val_samples else "train_loss",
                     write=atomic_write)
 
     # ---------------------------------------------------------------- loop
@@ -457,23 +406,23 @@ class Trainer:
         checkpoint there and raises TrainingInterrupted. Under torchrun the ranks agree on the
         step to stop at, so the checkpoint is one they all reached."""
         cfg, ctx = self.cfg, self.ctx
-        if self.epoch >= cfg.epochs:
-            log.info("already trained %d epochs (raise --epochs to go on)", self.epoch)
+        if self.state.epoch >= cfg.epochs:
+            log.info("already trained %d epochs (raise --epochs to go on)", self.state.epoch)
             return self._summary()
-        if self.bad_epochs >= cfg.patience:
-            log.info("this run stopped early after epoch %d", self.epoch)
+        if self.state.bad_epochs >= cfg.patience:
+            log.info("this run stopped early after epoch %d", self.state.epoch)
             return self._summary()
         with self.stops.deferred():
-            if cfg.init and not self.history and self.val_samples:
+            if cfg.init and not self.state.history and self.val_samples:
                 self._score_start()
                 self._stop_if_signalled("while scoring the --init model")
             last_save = time.time()
-            while self.epoch < cfg.epochs:
-                epoch = self.epoch + 1
+            while self.state.epoch < cfg.epochs:
+                epoch = self.state.epoch + 1
                 self._run_epoch(epoch, last_save)
                 stop = self._end_epoch(epoch)  # validation and saves finish before a signal is acted on
                 last_save = time.time()
-                if stop or self.epoch >= cfg.epochs:
+                if stop or self.state.epoch >= cfg.epochs:
                     break  # the run is complete: a signal now changes nothing
                 self._stop_if_signalled(f"after epoch {epoch}")
         if self.sync_checks:
@@ -484,29 +433,29 @@ class Trainer:
     def _run_epoch(self, epoch: int, last_save: float) -> None:
         """The training steps of ``epoch`` from ``step_in_epoch`` on, saving every --save-every minutes."""
         cfg, ctx = self.cfg, self.ctx
-        objective = self.objectives[self.phase]
+        objective = self.objectives[self.state.phase]
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # the same global batches on every rank
         batches = objective.batches(g)  # each step takes this rank's slice
-        if self.step_in_epoch == 0:
+        if self.state.step_in_epoch == 0:
             torch.manual_seed(cfg.seed * 100_003 + epoch)  # dropout and sampling: reproducible per epoch
-            self.epoch_sums = self._new_sums()
+            self.state.epoch_sums = new_sums()
         self.net.train()
         self.reporter.start(f"epoch {epoch}/{cfg.epochs}", len(batches), unit="batches")
-        if self.step_in_epoch:
-            self.reporter.update(self.step_in_epoch)
+        if self.state.step_in_epoch:
+            self.reporter.update(self.state.step_in_epoch)
         # Seconds of this process only: a resumed epoch's earlier steps count their own time, not
         # the hours between the stop and the resume.
-        t_start, seconds_before = time.time(), self.epoch_sums["seconds"]
-        for batch in batches[self.step_in_epoch:]:
-            self._stop_if_signalled(f"in epoch {epoch} at step {self.step_in_epoch}")
+        t_start, seconds_before = time.time(), self.state.epoch_sums["seconds"]
+        for batch in batches[self.state.step_in_epoch:]:
+            self._stop_if_signalled(f"in epoch {epoch} at step {self.state.step_in_epoch}")
             if ctx.enabled:
-                torch.manual_seed(_step_seed(cfg.seed, epoch, self.step_in_epoch, ctx.rank))
+                torch.manual_seed(_step_seed(cfg.seed, epoch, self.state.step_in_epoch, ctx.rank))
             self._step(objective, batch)
             if distributed.sync_check_enabled():
-                distributed.check_in_sync(ctx, self.model, f"epoch {epoch} step {self.step_in_epoch}")
+                distributed.check_in_sync(ctx, self.model, f"epoch {epoch} step {self.state.step_in_epoch}")
                 self.sync_checks += 1
-            self.epoch_sums["seconds"] = seconds_before + time.time() - t_start
-            s = self.epoch_sums
+            self.state.epoch_sums["seconds"] = seconds_before + time.time() - t_start
+            s = self.state.epoch_sums
             self.reporter.update(1, **objective.progress(s), captions_per_s=s["captions"] / max(s["seconds"], 1e-9))
             if cfg.save_every and time.time() - last_save > 60 * cfg.save_every:
                 self.save()
@@ -532,8 +481,8 @@ class Trainer:
     def _step(self, objective: Objective, batch: list[int]) -> None:
         """One optimizer step of ``objective`` on global batch ``batch``."""
         loss, figures = objective.step(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
+        self.state.optimizer.zero_grad(set_to_none=True)
+        self.state.scaler.scale(loss).backward()  # under DDP: the gradient all-reduce
         self._update(figures)
 
     def _update(self, totals: dict) -> None:
@@ -544,13 +493,13 @@ class Trainer:
         """
         cfg = self.cfg
         if cfg.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.step_in_epoch += 1
+            self.state.scaler.unscale_(self.state.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.state.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        self.state.scaler.step(self.state.optimizer)
+        self.state.scaler.update()
+        self.state.step_in_epoch += 1
         for k, v in totals.items():
-            self.epoch_sums[k] += v
+            self.state.epoch_sums[k] += v
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -610,46 +559,46 @@ class Trainer:
         val = distributed.broadcast_object(self.ctx, val)
         if key not in val:
             return
-        self.best_score, self.best_epoch = val[key], 0
-        self.history.append({"epoch": 0, "phase": "init", **val, "val_seconds": time.time() - t0, "best": True})
+        self.state.best_score, self.state.best_epoch = val[key], 0
+        self.state.history.append({"epoch": 0, "phase": "init", **val, "val_seconds": time.time() - t0, "best": True})
         log.info("epoch 0 (the --init model): val loss %.3f, %s %.4f (best)", val["val_loss"], label, val[key])
         self.save(best=True)
 
     def _end_epoch(self, epoch: int) -> bool:
-        cfg, s = self.cfg, self.epoch_sums
+        cfg, s = self.cfg, self.state.epoch_sums
         t0 = time.time()
         val = self.validate()
         if self.source.fine_tunes_encoder and self.ctx.enabled:  # each rank found its own unreadable images
             for bad in distributed.all_gather_object(self.ctx, self.source.bad):
                 self.source.bad.update(bad)
-        phase = self.phase
+        phase = self.state.phase
         train, fallback, progress = self.objectives[phase].summary(s)  # fallback: the score without val images
         key, label = self.selection
         score = val.get(key, fallback)
         # Rank 0's numbers decide for all: the same best model, learning-rate halving and early stop everywhere.
         val, score = distributed.broadcast_object(self.ctx, (val, score))
-        improved = score > self.best_score
+        improved = score > self.state.best_score
         if improved:
-            self.best_score, self.best_epoch = score, epoch
-        self.bad_epochs, halve, stop = plateau_step(improved, self.bad_epochs, cfg.lr_patience, cfg.patience)
+            self.state.best_score, self.state.best_epoch = score, epoch
+        self.state.bad_epochs, halve, stop = plateau_step(improved, self.state.bad_epochs, cfg.lr_patience, cfg.patience)
         record = {
             "epoch": epoch, "phase": phase, **train, **val,
-            "lr": self.optimizer.param_groups[0]["lr"], "train_seconds": s["seconds"],
+            "lr": self.state.optimizer.param_groups[0]["lr"], "train_seconds": s["seconds"],
             "val_seconds": time.time() - t0, "captions_per_s": s["captions"] / max(s["seconds"], 1e-9),
             "best": improved,
         }
         # The cross-entropy phase ends after --scst-after epochs, or earlier when it stops improving.
         switch = phase == "xe" and cfg.scst_after is not None and (epoch >= cfg.scst_after or stop)
         if halve and not switch:
-            for group in self.optimizer.param_groups:
+            for group in self.state.optimizer.param_groups:
                 group["lr"] *= 0.5
-        self.epoch, self.step_in_epoch = epoch, 0
-        self.history.append(record)
+        self.state.epoch, self.state.step_in_epoch = epoch, 0
+        self.state.history.append(record)
         log.info(
             "epoch %d: %s, val loss %s, %s %s%s, %.0f captions/s%s",
             epoch, progress, f"{val['val_loss']:.3f}" if val else "-", label, f"{val[key]:.4f}" if val else "-",
             " (best)" if improved else "", record["captions_per_s"],
-            f"; learning rate halved to {self.optimizer.param_groups[0]['lr']:.3g}" if halve and not switch else "",
+            f"; learning rate halved to {self.state.optimizer.param_groups[0]['lr']:.3g}" if halve and not switch else "",
         )
         if switch:
             if stop and epoch < cfg.scst_after:
@@ -664,7 +613,7 @@ class Trainer:
             log.warning("skipping %d unreadable image%s (first: %s)", len(self.source.bad),
                         "s" * (len(self.source.bad) != 1), next(iter(self.source.bad.values())))
         if stop:
-            log.info("early stop: no better %s for %d epochs (best %.4f at epoch %d)", label, cfg.patience, self.best_score, self.best_epoch)
+            log.info("early stop: no better %s for %d epochs (best %.4f at epoch %d)", label, cfg.patience, self.state.best_score, self.state.best_epoch)
         return stop
 
     def _start_scst(self, epoch: int, from_best: bool) -> None:
@@ -677,11 +626,11 @@ class Trainer:
 
             distributed.on_main(self.ctx, best_weights)
             distributed.broadcast_module(self.ctx, self.model)
-        self.phase, self.bad_epochs = "scst", 0
-        self.optimizer = self._new_optimizer()
+        self.state.phase, self.state.bad_epochs = "scst", 0
+        self.state.optimizer = self._new_optimizer("scst")
         log.info("self-critical training from epoch %d on (%d samples per image, baseline: %s), starting from the "
                  "weights of epoch %d (%s %.4f), learning rate %g", epoch + 1, self.cfg.scst_samples,
-                 self.cfg.scst_baseline, self.best_epoch, self.selection[1], self.best_score, self.cfg.scst_lr)
+                 self.cfg.scst_baseline, self.state.best_epoch, self.selection[1], self.state.best_score, self.cfg.scst_lr)
 
 
 def _distributed(fn, run_dir: Path | None = None):
