@@ -77,7 +77,7 @@ def main() -> None:
     captions = subset(args.data, args.images_limit, work) if args.images_limit else None
     data_args = (["--captions", str(captions), "--images", str(args.data / "Images")] if captions
                  else ["--data", str(args.data)])
-    common = [*data_args, "--split", "90/10/0", "--min-freq", "3", "--batch-size", str(args.batch_size),
+    common = [*data_args, "--split-ratios", "90/10/0", "--min-freq", "3", "--batch-size", str(args.batch_size),
               "--epochs", str(args.epochs), "--patience", "99", "--save-every", "0"]
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -5,6 +5,10 @@ from capcli.errors import CapcliError
 ENCODERS = ("lite0", "resnet50", "resnet101", "resnet152")  # plus "timm:<name>"
 ATTENTIONS = ("additive", "general", "dot", "none")
 RNNS = ("lstm", "gru")
+# Named here, not beside the code that uses them (runtime.devices, infer.collection): those modules import torch
+DEVICES = ("auto", "cpu", "cuda")  # plus "cuda:N", which the option help does not list
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FORMATS = ("text", "tsv", "jsonl")  # of caption/beam results
 
 
 def encoder_name_problem(name: str) -> str | None:

@@ -118,7 +118,7 @@ def read_json(path: str | Path, what: str = "JSON") -> object:
     except IsADirectoryError:
         raise FileProblem(f"{path}: is a directory, expected {what}") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise FileProblem(f"{path}: cannot read {what} ({e.__class__.__name__}: {_first_line(e)})") from None
+        raise FileProblem(f"{path}: cannot read {what} ({e.__class__.__name__}: {first_line(e)})") from None
     return parse_json(text, str(path))
 
 
@@ -136,7 +136,7 @@ def read_state_dict(path: str | Path) -> dict:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FileProblem(f"{path}: cannot read weights ({e.__class__.__name__}: {_first_line(e)})") from None
+        raise FileProblem(f"{path}: cannot read weights ({e.__class__.__name__}: {first_line(e)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -178,5 +178,6 @@ def is_safetensors(path: str | Path) -> bool:
         return False
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """An exception's message, its first line only: messages stay one line."""
     return str(e).splitlines()[0] if str(e) else ""

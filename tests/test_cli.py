@@ -157,11 +157,11 @@ def test_capcli_keeps_freed_memory_instead_of_page_faulting_it_back():
 def test_a_broken_pipe_on_the_way_out_ends_quietly():
     """The reader went away before Python's last flush of stdout: exit 0, nothing on stderr."""
     script = ("import sys\n"
-              "from capcli import cli\n"
+              "from capcli.cli import frame\n"
               "def app():\n"
               "    raise BrokenPipeError(32, 'Broken pipe')\n"
-              "cli.app = app\n"
-              "cli.main()\n")
+              "frame.app = app\n"
+              "frame.main()\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stderr == ""
 

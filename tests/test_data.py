@@ -327,7 +327,7 @@ def test_parse_split_ratios(text, expected):
 
 @pytest.mark.parametrize("text", ["90/10", "a/b/c", "0/50/50", "-1/1/1", "", "0/0/0"])
 def test_parse_split_ratios_refuses_nonsense(text):
-    with pytest.raises(CapcliError, match=r"^--split .*: expected three numbers"):
+    with pytest.raises(CapcliError, match=r"^--split-ratios .*: expected three numbers"):
         parse_split_ratios(text)
 
 

@@ -171,3 +171,17 @@ def test_resume_restores_the_training_gpus_generator_only(monkeypatch):
     assert calls[-1][0] is states[2]
     restore_cuda_rng(states[0], torch.device("cpu"))  # a CPU run has no GPU generator
     assert len(calls) == 2
+
+
+def test_validation_decodes_as_long_as_evaluate_does(tmp_path, shapes_dir, monkeypatch):
+    """Validation decoded up to the vocabulary's training length (50 words) while `evaluate`
+    stops at 30: a looping caption scored differently in the two. Now both use the tokenizer's
+    decode length."""
+    from capcli.text.tokenizers import DEFAULT_DECODE_LEN
+    from capcli.train import loop
+
+    seen = []
+    real_decode = loop.decode
+    monkeypatch.setattr(loop, "decode", lambda decoder, features, options: seen.append(options.max_len) or real_decode(decoder, features, options))
+    train("--data", str(shapes_dir), "-o", str(tmp_path / "run"), "--epochs", "1", *BASE)
+    assert seen and set(seen) == {DEFAULT_DECODE_LEN["word"]}

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/flickr8k-mini}
 RUN=${2:-runs/default-model}
-capcli train --data "$DATA" -o "$RUN" --split 80/10/10 --seed 0 --device cpu --lr-patience 3 \
+capcli train --data "$DATA" -o "$RUN" --split-ratios 80/10/10 --seed 0 --device cpu --lr-patience 3 \
     --epochs 25 --patience 6 --lr 1e-3 --batch-size 64 \
     --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3 --label-smoothing 0.1
 # Ship the best epoch (by val BLEU-4) in fp16: half the size, same captions.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The self-critical experiments behind README's "Self-critical training" table and weights/README.md:
+# The self-critical experiments behind the table in docs/experiments.md and weights/README.md:
 # cross-entropy models with the shipped settings (seeds 0, 1, 2), self-critical runs from each,
 # every best model scored at beam 3 on val and test. About 95 minutes on 2 CPU cores.
 #   weights/try_scst.sh [DATA_DIR] [OUT_DIR]      -> OUT_DIR/scores.tsv
@@ -16,13 +16,13 @@ score() {  # NAME MODEL: val and test CIDEr and BLEU-4 at beam 3
 }
 scst() {  # NAME XE_MODEL OPTIONS...
   local name=$1 init=$2; shift 2
-  [ -f "$OUT/$name/best.safetensors" ] || capcli train --data "$DATA" -o "$OUT/$name" --split 80/10/10 --seed 0 \
+  [ -f "$OUT/$name/best.safetensors" ] || capcli train --data "$DATA" -o "$OUT/$name" --split-ratios 80/10/10 --seed 0 \
       --device cpu --init "$init" --scst-after 0 --epochs 25 --patience 6 --lr-patience 3 --batch-size 64 --val-beam 3 "$@"
   score "$name" "$OUT/$name/best.safetensors"
 }
 for seed in 0 1 2; do
   xe=$OUT/xe-s$seed
-  [ -f "$xe/best.safetensors" ] || capcli train --data "$DATA" -o "$xe" --split 80/10/10 --seed $seed --device cpu \
+  [ -f "$xe/best.safetensors" ] || capcli train --data "$DATA" -o "$xe" --split-ratios 80/10/10 --seed $seed --device cpu \
       --lr-patience 3 --epochs 25 --patience 6 --lr 1e-3 --batch-size 64 \
       --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3 --label-smoothing 0.1  # train_default_model.sh's
   score "xe-s$seed" "$xe/best.safetensors"
@@ -31,7 +31,7 @@ for seed in 0 1 2; do
 done
 for seed in 0 1 2; do  # cross-entropy without label smoothing, then SCST
   xe=$OUT/xenols-s$seed
-  [ -f "$xe/best.safetensors" ] || capcli train --data "$DATA" -o "$xe" --split 80/10/10 --seed $seed --device cpu \
+  [ -f "$xe/best.safetensors" ] || capcli train --data "$DATA" -o "$xe" --split-ratios 80/10/10 --seed $seed --device cpu \
       --lr-patience 3 --epochs 25 --patience 6 --lr 1e-3 --batch-size 64 \
       --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3
   score "xenols-s$seed" "$xe/best.safetensors"

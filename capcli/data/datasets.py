@@ -52,7 +52,7 @@ def parse_split_ratios(text: str) -> tuple[float, float, float]:
     except ValueError:
         values = []
     if len(values) != 3 or any(v < 0 for v in values) or sum(values) <= 0 or values[0] == 0:
-        raise CapcliError(f"--split {text!r}: expected three numbers train/val/test such as 90/5/5")
+        raise CapcliError(f"--split-ratios {text!r}: expected three numbers train/val/test such as 90/5/5")
     total = sum(values)
     return (values[0] / total, values[1] / total, values[2] / total)
 

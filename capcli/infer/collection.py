@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator, Sequence
 
 from capcli.runtime.distributed import shard_range
+from capcli.choices import FORMATS as FORMATS
 from capcli.errors import CapcliError
 from capcli.files import FileProblem, atomic_write, atomic_write_bytes, parse_json
 from capcli.data.images import IMAGE_SUFFIXES, is_url
 
 log = logging.getLogger("capcli")
 
-FORMATS = ("text", "tsv", "jsonl")
 TEXT_CANNOT_RESUME = ("--resume finds finished images by their paths, which text output lacks: "
                       "use -o FILE.tsv or FILE.jsonl (or --format tsv|jsonl)")
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv"}  # -o FILE without --format

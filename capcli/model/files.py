@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from capcli.choices import shown
 from capcli.errors import CapcliError
-from capcli.files import FileProblem, atomic_write_bytes, parse_json, safetensors_header
+from capcli.files import FileProblem, atomic_write_bytes, first_line, parse_json, safetensors_header
 from capcli.model.caption_model import CaptionModel
 from capcli.model.config import ModelConfig
 from capcli.text.vocab import Vocab
@@ -198,7 +198,7 @@ def inspect_model(path: str | Path) -> ModelFile:
     except CapcliError as e:  # a size out of bounds, an encoder this capcli does not know
         raise CapcliError(f"{path}: {e.message}") from None
     except (TypeError, ValueError, RuntimeError) as e:  # e.g. a timm model that cannot be built so
-        raise CapcliError(f"{path}: damaged capcli metadata (config: {e.__class__.__name__}: {_first_line(e)})") from None
+        raise CapcliError(f"{path}: damaged capcli metadata (config: {e.__class__.__name__}: {first_line(e)})") from None
     missing = [name for name in expected if name not in header]
     unexpected = [name for name in header if name not in expected]
     if missing or unexpected:
@@ -259,13 +259,9 @@ def load_model(path: str | Path, device: str = "cpu", *, encoder: str | None = N
     try:
         tensors = load_file(str(path))
     except Exception as e:
-        raise CapcliError(f"{path}: corrupt model file ({_first_line(e) or e.__class__.__name__})") from None
+        raise CapcliError(f"{path}: corrupt model file ({first_line(e) or e.__class__.__name__})") from None
     model = CaptionModel(cfg)
     own = model.state_dict()
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
     model.eval()
     return LoadedModel(model.to(torch.device(device)), vocab, metadata)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0] if str(e) else ""

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from capcli.choices import PRECISIONS as PRECISIONS
 from capcli.errors import CapcliError
 
 
@@ -21,9 +22,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise CapcliError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def cpu_has_bf16() -> bool:

@@ -531,7 +531,8 @@ class Trainer:
         samples = self.train_samples + self.val_samples
         candidates = {}
         chunks = [images[k:k + 128] for k in range(0, len(images), 128)]
-        options = DecodeOptions(beam_size=self.cfg.val_beam, max_len=self.vocab.max_len)
+        # The captions `capcli evaluate` would write: the same longest output, so val scores what it scores.
+        options = DecodeOptions(beam_size=self.cfg.val_beam, max_len=DEFAULT_DECODE_LEN[self.vocab.tokenizer])
         for chunk in chunks[ctx.rank::ctx.world_size]:
             with autocast(self.device, self.decoder_precision):
                 features, ok = self.source.features(chunk)  # (n, L, D) of the readable images

@@ -116,7 +116,7 @@ def loss(samples: Samples, advantage: torch.Tensor, total_tokens: float | None =
     return -weighted.sum() / max(n_tokens, 1.0) * scale
 
 
-def image_batches(images: Sequence[int], per_step: int, generator: torch.Generator) -> list[list[int]]:
+def shuffled_image_batches(images: Sequence[int], per_step: int, generator: torch.Generator) -> list[list[int]]:
     """The SCST phase's batches: the train images in random order, ``per_step`` at a time."""
     perm = torch.randperm(len(images), generator=generator).tolist()
     order = [images[i] for i in perm]
@@ -195,7 +195,7 @@ class SelfCritical:
 
     def batches(self, generator: torch.Generator) -> list[list[int]]:
         cfg = self.run.cfg
-        return image_batches(self.images, max(1, cfg.batch_size // cfg.scst_samples), generator)
+        return shuffled_image_batches(self.images, max(1, cfg.batch_size // cfg.scst_samples), generator)
 
     def step(self, batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         run = self.run
