@@ -93,16 +93,17 @@ import zlib
 from pathlib import Path
 
 import pytest
+from conftest import warnings_of
 from typer.testing import CliRunner
 
-from capcli.model.files import load_model, read_metadata
-from capcli.model.encoders import Encoder
 from capcli.cli import app
-from capcli.data.datasets import load_dataset, read_caption_table
+from capcli.data.datasets import load_dataset
 from capcli.data.images import ImageError, expand_paths, load_image
+from capcli.data.tables import read_caption_table
 from capcli.errors import CapcliError
+from capcli.model.encoders import Encoder
+from capcli.model.files import load_model, read_metadata
 from capcli.text.vocab import tokenize
-from conftest import warnings_of
 
 pytestmark = pytest.mark.usefixtures("capcli_log")  # caplog sees capcli's warnings
 
@@ -441,7 +442,7 @@ def test_unknown_split_names(tmp_path, pics, caplog):
     path = write(tmp_path / "c.csv", "image,caption,split\na.jpg,x,holdout\nb.jpg,y,dev\nc.jpg,z,TRAIN\n")
     s = load(path, pics)
     assert s["b.jpg"].split == "val" and s["c.jpg"].split == "train"
-    from capcli.data.datasets import hash_split
+    from capcli.data.splits import hash_split
 
     assert s["a.jpg"].split == hash_split("a.jpg")
     assert warnings_of(caplog) == [f"{path}: 1 image with an unknown split ('holdout') split by name hash instead"]

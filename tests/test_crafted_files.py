@@ -35,19 +35,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import warnings_of
 from typer.testing import CliRunner
 
-from capcli.model import files as model_files
 from capcli.cli import app
-from capcli.data.datasets import load_dataset, read_caption_table
+from capcli.data.datasets import load_dataset
+from capcli.data.tables import read_caption_table
 from capcli.errors import CapcliError
-from capcli.train.feature_cache import FeatureCache
 from capcli.files import FileProblem, parse_json, read_json
+from capcli.model import files as model_files
 from capcli.model.caption_model import CaptionModel
 from capcli.model.config import ModelConfig
-from capcli.train.config import TrainConfig
 from capcli.text.vocab import Vocab
-from conftest import warnings_of
+from capcli.train.config import TrainConfig
+from capcli.train.feature_cache import FeatureCache
 
 pytestmark = pytest.mark.usefixtures("capcli_log")  # caplog sees capcli's warnings
 

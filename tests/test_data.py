@@ -13,17 +13,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from capcli.data.datasets import (
-    SPLITS,
-    hash_split,
-    load_dataset,
-    parse_split_ratios,
-    read_caption_table,
-    split_counts,
-)
-from capcli.errors import CapcliError
 from conftest import shape_image, warnings_of
+
+from capcli.data.datasets import load_dataset, split_counts
+from capcli.data.splits import SPLITS, hash_split, parse_split_ratios
+from capcli.data.tables import read_caption_table
+from capcli.errors import CapcliError
 
 pytestmark = pytest.mark.usefixtures("capcli_log")  # caplog sees capcli's warnings
 

@@ -12,11 +12,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import warnings_of
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.data.datasets import Dataset, hash_split, load_dataset, parse_split_ratios, split_mismatch
-from conftest import warnings_of
+from capcli.data.datasets import Dataset, load_dataset, split_mismatch
+from capcli.data.splits import hash_split, parse_split_ratios
 
 pytestmark = pytest.mark.usefixtures("capcli_log")  # caplog sees capcli's log lines
 

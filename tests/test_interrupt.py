@@ -119,7 +119,7 @@ def test_sigterm_while_caching_features_keeps_what_was_cached(tmp_path, shapes_d
     from capcli.train import feature_cache
 
     run = tmp_path / "run"
-    real_normalize, batches = feature_cache.normalize_pixels, []
+    real_normalize, batches = feature_cache.model_input, []
 
     def normalize_then_sigterm(*a, **k):
         batches.append(1)
@@ -127,7 +127,7 @@ def test_sigterm_while_caching_features_keeps_what_was_cached(tmp_path, shapes_d
             os.kill(os.getpid(), signal.SIGTERM)
         return real_normalize(*a, **k)
 
-    monkeypatch.setattr(feature_cache, "normalize_pixels", normalize_then_sigterm)
+    monkeypatch.setattr(feature_cache, "model_input", normalize_then_sigterm)
     result = CliRunner().invoke(app, ["train", "-o", str(run), "--data", str(shapes_dir), "--epochs", "1", *ARGS])
     assert result.exit_code == 143, result.output
     assert result.stderr.strip().splitlines()[-1] == (
@@ -136,7 +136,7 @@ def test_sigterm_while_caching_features_keeps_what_was_cached(tmp_path, shapes_d
     (record,) = run.glob("features-*.json")
     cached = json.loads(record.read_text())["done"]
     assert 8 <= cached < 48
-    monkeypatch.setattr(feature_cache, "normalize_pixels", real_normalize)
+    monkeypatch.setattr(feature_cache, "model_input", real_normalize)
     encoded = []
     monkeypatch.setattr(feature_cache.FeatureCache, "write_rows",
                         lambda self, fd, rows, f, real=feature_cache.FeatureCache.write_rows: encoded.extend(rows) or real(self, fd, rows, f))

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from capcli.cli import app
-from capcli.data.datasets import hash_split
+from capcli.data.splits import hash_split
 from capcli.errors import CapcliError
 from capcli.text.vocab import END, PAD, SPECIALS, START, UNK, Vocab, tokenize
 

@@ -35,7 +35,8 @@ def build_vocab(
     split: SplitOpt = None,
 ):
     """Count the tokens of the train split's captions and write a vocabulary JSON."""
-    from capcli.data.datasets import load_dataset, parse_split_ratios
+    from capcli.data.datasets import load_dataset
+    from capcli.data.splits import parse_split_ratios
     from capcli.text.vocab import SPECIALS, Vocab
 
     ratios = parse_split_ratios(split) if split else None  # None: 90/5/5, and no note when the data has its own split

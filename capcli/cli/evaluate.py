@@ -57,7 +57,8 @@ def evaluate(
     Word models: BLEU-1..4, METEOR (with Java), ROUGE-L, CIDEr. Char and SMILES models: exact match
     and edit similarity, plus validity, canonical match and Tanimoto for SMILES when RDKit is installed.
     """
-    from capcli.data.datasets import load_dataset, parse_split_ratios, split_mismatch
+    from capcli.data.datasets import load_dataset, split_mismatch
+    from capcli.data.splits import parse_split_ratios
     from capcli.infer.captioner import Captioner, model_path
     from capcli.infer.decode import DecodeOptions
     from capcli.infer.evaluate import evaluate_model

@@ -11,7 +11,7 @@ import typer
 from typing_extensions import Annotated
 
 from capcli import choices
-from capcli.data.datasets import SPLITS
+from capcli.data.splits import SPLITS
 from capcli.text.tokenizers import TOKENIZERS
 from capcli.train.config import SCST_BASELINES
 

@@ -22,7 +22,7 @@ from capcli.model import files as model_files
 from capcli.metrics.chemistry import rdkit_available, valid_first
 from capcli.runtime.devices import autocast, encoder_batch, resolve_device, resolve_precision
 from capcli.errors import CapcliError
-from capcli.data.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
+from capcli.data.images import MAX_IMAGE_PIXELS, ImageError, image_batches, model_input
 from capcli.infer.decode import DecodeOptions, Hypothesis, decode
 from capcli.text.tokenizers import DEFAULT_DECODE_LEN
 
@@ -181,8 +181,7 @@ class Captioner:
             good = [t for _, t in items if not isinstance(t, ImageError)]
             hyps = iter([])
             if good:
-                pixels = torch.stack(good).to(self.device)  # (n, S, S, 3) uint8: a quarter of the bytes of floats
-                features = self.encode(normalize_pixels(pixels, cfg.mean, cfg.std))  # (n, L, D)
+                features = self.encode(model_input(good, self.device, cfg.mean, cfg.std))  # (n, L, D)
                 hyps = iter(self.decode(features, options))
             for item, t in items:
                 path = None if _is_pil(item) else str(item)

@@ -21,7 +21,7 @@ from capcli.runtime import distributed
 from capcli.runtime.devices import autocast
 from capcli.runtime.distributed import DistContext
 from capcli.files import FileProblem, atomic_write_bytes, parse_json
-from capcli.data.images import ImageError, image_batches, normalize_pixels
+from capcli.data.images import ImageError, image_batches, model_input
 from capcli.model.config import ModelConfig
 from capcli.progress import Reporter
 
@@ -193,7 +193,7 @@ class FeatureCache:
                         good_rows.append(i)
                         good.append(item)
                 if good:
-                    x = normalize_pixels(torch.stack(good).to(device), cfg.mean, cfg.std)  # (b, 3, S, S)
+                    x = model_input(good, device, cfg.mean, cfg.std)  # (b, 3, S, S)
                     with torch.no_grad(), autocast(device, precision):
                         f = encoder(x)  # (b, L, D)
                     self.write_rows(fd, good_rows, f)

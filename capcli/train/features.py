@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from capcli.train.feature_cache import FeatureCache
-from capcli.data.images import MAX_IMAGE_PIXELS, ImageError, image_batches, normalize_pixels
+from capcli.data.images import MAX_IMAGE_PIXELS, ImageError, image_batches, model_input
 from capcli.model.config import ModelConfig
 
 
@@ -134,10 +134,7 @@ class EncodedImages:
         return pixels
 
     def _normalised(self, pixels: dict[int, torch.Tensor]) -> torch.Tensor:
-        x = torch.stack(list(pixels.values()))  # (n_img, S, S, 3) uint8
-        if self.device.type == "cuda":
-            x = x.pin_memory()
-        return normalize_pixels(x.to(self.device, non_blocking=True), self.cfg.mean, self.cfg.std)  # (n_img, 3, S, S)
+        return model_input(pixels.values(), self.device, self.cfg.mean, self.cfg.std)  # (n_img, 3, S, S)
 
     def load(self, rows: list[int]) -> StepInputs:
         return _ImageInputs(self, self._pixels(rows))

@@ -22,33 +22,49 @@ from pathlib import Path
 
 import torch
 
-from capcli.model import files as model_files
-from capcli.runtime import distributed
-from capcli.train import scst
-from capcli.train import state as train_state
-from capcli.metrics.cider import CiderD
-from capcli.metrics.validation import METRIC_LABELS
-from capcli.train.curves import save_curves
-from capcli.data.datasets import Sample, load_dataset, parse_split_ratios, split_counts
-from capcli.runtime.devices import autocast, decoder_precision, encoder_batch, precision_note, resolve_precision
-from capcli.runtime.distributed import SINGLE, DistContext
+from capcli.data.datasets import Sample, load_dataset, split_counts
+from capcli.data.splits import parse_split_ratios
 from capcli.errors import CapcliError
-from capcli.metrics.validation import CIDER_SELECTION, SELECTION, validation_scores
-from capcli.train.feature_cache import build_feature_cache, cache_key
-from capcli.train.features import CachedFeatures, CaptionSet, EncodedImages, length_bucketed_batches
 from capcli.files import FileProblem, atomic_write, atomic_write_bytes, read_json
+from capcli.infer.decode import DecodeOptions, decode
+from capcli.metrics.cider import CiderD
+from capcli.metrics.validation import (
+    CIDER_SELECTION,
+    METRIC_LABELS,
+    SELECTION,
+    validation_scores,
+)
+from capcli.model import files as model_files
 from capcli.model.caption_model import CaptionModel
 from capcli.model.config import ModelConfig
+from capcli.progress import Reporter
+from capcli.runtime import distributed
+from capcli.runtime.devices import (
+    autocast,
+    decoder_precision,
+    encoder_batch,
+    precision_note,
+    resolve_precision,
+)
+from capcli.runtime.distributed import SINGLE, DistContext
+from capcli.runtime.signals import StopSignals, exit_code, signal_name, stop_signal
+from capcli.text.tokenizers import DEFAULT_DECODE_LEN
+from capcli.text.vocab import Vocab
+from capcli.train import scst
+from capcli.train import state as train_state
+from capcli.train.config import RESUMABLE, TrainConfig
+from capcli.train.curves import save_curves
+from capcli.train.feature_cache import build_feature_cache, cache_key
+from capcli.train.features import (
+    CachedFeatures,
+    CaptionSet,
+    EncodedImages,
+    length_bucketed_batches,
+)
 from capcli.train.losses import caption_loss
 from capcli.train.objective import Objective, StepContext, TrainNet
 from capcli.train.state import TrainState, new_sums
 from capcli.train.xe import CrossEntropy, collate, teacher_forced
-from capcli.progress import Reporter
-from capcli.infer.decode import DecodeOptions, decode
-from capcli.runtime.signals import StopSignals, exit_code, signal_name, stop_signal
-from capcli.text.tokenizers import DEFAULT_DECODE_LEN
-from capcli.train.config import RESUMABLE, TrainConfig
-from capcli.text.vocab import Vocab
 
 log = logging.getLogger("capcli")
 
