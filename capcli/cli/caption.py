@@ -59,10 +59,22 @@ class CollectionOptions:
 
 def _caption_command(paths, model, device, precision, batch_size, options, attention_dir, workers, max_pixels,
                      out: CollectionOptions):
-    from capcli.data.images import expand_paths
-    from capcli.infer import collection
-    from capcli.infer.captioner import Captioner
+    """Check the options, open this process's outputs (every process stopping together on a
+    problem), caption, then merge, count and report."""
     from capcli.runtime import distributed
+
+    ctx = distributed.setup()  # torchrun: one share per process; alone: no-op
+    paths, fmt, (index, count), to_stdout = _checked(paths, out, options, ctx)
+    destination, captioner, items, found = _opened(paths, out, fmt, index, count, ctx, model, device, precision,
+                                                   attention_dir, batch_size)
+    counts = _captioned(captioner, destination, items, found, options, batch_size, workers, max_pixels,
+                        attention_dir, to_stdout, ctx)
+    _finished(ctx, counts, out, fmt, count, found, paths)
+
+
+def _checked(paths, out: CollectionOptions, options, ctx):
+    """(paths, result format, (share, of shares), results to stdout?) once the options are known to fit together."""
+    from capcli.infer import collection
 
     fmt = collection.output_format(out.fmt.value if out.fmt else None, out.output)
     if out.resume and out.output is None:
@@ -79,7 +91,6 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
         if sys.stdin.isatty():
             raise CapcliError("give image paths, folders, or - to read paths from stdin (see --help)")
         paths = ["-"]
-    ctx = distributed.setup()  # torchrun: one share per process; alone: no-op
     if ctx.enabled and out.shard is not None:
         raise CapcliError("--shard is for independent jobs; under torchrun each process takes its share already")
     index, count = collection.parse_shard(out.shard) if out.shard else (ctx.rank, ctx.world_size)
@@ -93,6 +104,15 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
         raise CapcliError(f"{out.output} already exists: add --resume to skip the images in it and append the rest, "
                           f"or choose another -o")
     to_stdout = out.output is None and (out.sidecar is None or out.fmt is not None)
+    return paths, fmt, (index, count), to_stdout
+
+
+def _opened(paths, out: CollectionOptions, fmt, index, count, ctx, model, device, precision, attention_dir, batch_size):
+    """(this process's Destination, the Captioner, its images, how many were found: None for stdin)."""
+    from capcli.data.images import expand_paths
+    from capcli.infer import collection
+    from capcli.infer.captioner import Captioner
+    from capcli.runtime import distributed
 
     # What can fail in one process alone (its part file exists or another run has it, a folder it
     # cannot write) is found before the first collective, and every process stops on it together:
@@ -124,10 +144,18 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
         if destination is not None:
             destination.close(failed=True)  # a result file this run made, still empty, goes again
         raise
+    return destination, captioner, items, found
+
+
+def _captioned(captioner, destination, items, found, options, batch_size, workers, max_pixels, attention_dir,
+               to_stdout, ctx):
+    """Caption this process's images, writing each result as it comes; returns the counts of all processes."""
+    from capcli.infer import collection
+    from capcli.runtime import distributed
 
     todo = destination.todo(items)
     reporter = RichReporter() if ctx.is_main and not is_quiet() else Reporter()
-    reporter.start("captioning", len(items) if listed else None, "images")
+    reporter.start("captioning", len(items) if found is not None else None, "images")
     counts, shown = destination.counts, 0
     names_used: set[str] = set()
     tick = time.perf_counter()
@@ -157,6 +185,13 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
             raise
         raise CapcliError(distributed.failure_message(ctx, e, None, task="captioning") +
                           "; run the same command with --resume to continue", exit_code=1) from None
+    return counts
+
+
+def _finished(ctx, counts, out: CollectionOptions, fmt, count, found, paths) -> None:
+    """Merge the parts of several processes, say what was done, and exit 1 if an image failed."""
+    from capcli.infer import collection
+
     if ctx.enabled and out.output is not None and ctx.is_main:
         parts = [collection.part_path(out.output, r, count) for r in range(count)]
         lines = collection.merge_parts(out.output, parts, fmt)
