@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -101,3 +102,22 @@ def mini_dir() -> Path:
     if not (MINI / "captions.txt").is_file():
         pytest.skip("flickr8k-mini not present (../shared/data/flickr8k-mini)")
     return MINI
+
+
+def run_cli(*args, input=None):
+    """capcli in this process (typer's CliRunner): exit_code, stdout and stderr apart."""
+    from typer.testing import CliRunner
+
+    from capcli.cli import app
+
+    return CliRunner().invoke(app, list(args), input=input)
+
+
+def cli_env(**extra) -> dict:
+    """The environment of a capcli subprocess: no torchrun variables left over, no PYTHONUNBUFFERED
+    (users don't set it), one thread, short collective timeouts."""
+    env = dict(os.environ)
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED"):
+        env.pop(k, None)
+    env.update({"OMP_NUM_THREADS": "1", "CAPCLI_DIST_TIMEOUT": "60", **extra})
+    return env

@@ -15,24 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import cli_env as _env
+from conftest import run_cli as run
 
-from capcli.infer import collection
-from capcli.cli import app
-from capcli.errors import CapcliError
 from capcli.data.images import walk_images
-
-
-def run(*args, input=None):
-    return CliRunner().invoke(app, list(args), input=input)
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED"):
-        env.pop(k, None)
-    env.update({"OMP_NUM_THREADS": "1", "CAPCLI_DIST_TIMEOUT": "60", **extra})
-    return env
+from capcli.errors import CapcliError
+from capcli.infer import collection
 
 
 @pytest.fixture

@@ -17,26 +17,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-import capcli.data.images as images
-from capcli.infer import collection
-from capcli.cli import app
-from capcli.errors import CapcliError
-from capcli.data.images import ImageError, load_image
+from conftest import cli_env as _env
+from conftest import run_cli as run
 from conftest import shape_image
 
-
-def run(*args, input=None):
-    return CliRunner().invoke(app, list(args), input=input)
-
-
-def _env(**extra) -> dict:
-    env = dict(os.environ)
-    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED"):
-        env.pop(k, None)
-    env.update({"OMP_NUM_THREADS": "1", "CAPCLI_DIST_TIMEOUT": "60", **extra})
-    return env
+import capcli.data.images as images
+from capcli.data.images import ImageError, load_image
+from capcli.errors import CapcliError
+from capcli.infer import collection
 
 
 def capcli(*args, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
