@@ -1,17 +1,21 @@
-"""Captioning throughput, start-up time and memory, side by side in one run.
+"""Captioning throughput, start-up time and memory for each encoder runtime, side by side in one run.
 
     python bench/bench_caption.py [--model FILE] [--images DIR] [-n 200]
 
-Prints one line per figure:
-  encoder-only bound    images/s of the encoder alone on preprocessed images, at its best batch size
+The encoders compared: PyTorch fp32 (capcli before OpenVINO), PyTorch at the automatic precision
+where that differs (bf16 on AMX CPUs), OpenVINO fp32, and OpenVINO int8 where this model has an
+int8 encoder (shipped, or `capcli quantize`). Prints one line per figure:
+  encoder-only          images/s of the encoder alone on images already decoded and resized
   pipeline beam 1 / 3   images/s of Captioner.caption_stream over the image files (decode + encode + search)
-  (these two for fp32 and for the automatic precision, e.g. bf16 on a CPU that has it)
-  one-at-a-time loop    images/s captioning one image per call, model loaded once (beam 3)
+  stages                ms per image of decoding (Pillow, the pipeline's threads), encoding and the
+                        search (greedy and beam 3) measured apart
   (all of these: medians of --repeat interleaved runs, with their spread)
-  ratios                pipeline / bound, pipeline / loop, automatic precision / fp32
-  cold start            wall seconds of `capcli caption one.jpg` in a fresh process (best and median of 3)
-  peak memory           max RSS of `capcli beam` over 1000 image paths (streamed from stdin)
-On a GPU (--device cuda) the same figures are measured there.
+  one-at-a-time loop    images/s captioning one image per call, model loaded once (beam 3, default encoder)
+  ratios                each encoder and pipeline / PyTorch fp32's
+  cold start            wall seconds of `capcli caption one.jpg` in a fresh process, per runtime
+                        (best and median of 3; OpenVINO's converted encoder already cached)
+  peak memory           max RSS of `capcli beam` over 1000 image paths (streamed from stdin), per runtime
+On a GPU (--device cuda) only PyTorch runs the encoder.
 """
 
 from __future__ import annotations
@@ -45,11 +49,12 @@ def main() -> None:
 
     import torch
 
-    from capcli.infer.captioner import Captioner, default_model_path
     from capcli.cli import keep_freed_memory
-    from capcli.runtime.devices import autocast
-    from capcli.data.images import image_to_tensor, load_image
+    from capcli.data.images import image_batches, image_to_tensor, load_image
+    from capcli.infer.captioner import Captioner, default_model_path
     from capcli.infer.decode import DecodeOptions
+    from capcli.infer.encoding import choose_encoder
+    from capcli.infer.openvino_encoder import encoder_key, find_encoder, openvino_available
 
     keep_freed_memory()  # as the capcli command does
 
@@ -57,20 +62,27 @@ def main() -> None:
     paths = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[: args.n]
     if not paths:
         sys.exit(f"no images in {args.images}")
-    cap = Captioner.load(model_path, args.device)  # the automatic precision
-    cfg = cap.cfg
-    from capcli.runtime.devices import cpu_has_bf16
-
-    # fp32 first, then the automatic precision, and bf16 where the CPU has it even if auto keeps fp32
-    precisions = sorted({"fp32", cap.precision} | ({"bf16"} if cap.device.type == "cpu" and cpu_has_bf16() else set()),
-                        key=lambda p: (p != "fp32", p))
-    captioners = {p: Captioner(cap.loaded, cap.device, p) for p in precisions}
-    print(f"# {len(paths)} images from {args.images}, model {model_path.name}, device {cap.device}, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}, "
-          f"precisions {' and '.join(precisions)} (auto: {cap.precision})", flush=True)
+    default = Captioner.load(model_path, args.device)  # what capcli runs: --precision auto --runtime auto
+    loaded, device = default.loaded, default.device
+    model, tokenizer = loaded.model, loaded.vocab.tokenizer
+    # (runtime, precision) of each encoder compared; "torch fp32" is capcli before OpenVINO
+    chosen = [("torch", "fp32")]
+    torch_auto = choose_encoder(model, tokenizer, device, "auto", "torch").precision
+    if torch_auto != "fp32":
+        chosen.append(("torch", torch_auto))
+    if device.type == "cpu" and openvino_available():
+        chosen.append(("openvino", "fp32"))
+        if find_encoder(encoder_key(model, tokenizer), "int8"):
+            chosen.append(("openvino", "int8"))
+    captioners = {f"{r} {p}": Captioner(loaded, device, encoder=choose_encoder(model, tokenizer, device, p, r))
+                  for r, p in chosen}
+    default_name = f"{'openvino' if type(default.encoder).__name__ == 'OpenVinoEncoder' else 'torch'} {default.precision}"
+    print(f"# {len(paths)} images from {args.images}, model {model_path.name}, device {device}, "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {args.batch_size}; "
+          f"encoders: {', '.join(captioners)}; the default (auto): {default_name}", flush=True)
 
     def sync():
-        if cap.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
 
     def timed(fn, n: int) -> float:
@@ -81,63 +93,67 @@ def main() -> None:
         sync()
         return n / (time.perf_counter() - t)
 
-    # (a) the bound: the encoder alone, images already decoded and resized, at its best batch size
-    x = torch.stack([image_to_tensor(load_image(p), cfg.image_size, cfg.mean, cfg.std) for p in paths]).to(cap.device)
+    cfg = default.cfg
+    x = torch.stack([image_to_tensor(load_image(p), cfg.image_size, cfg.mean, cfg.std) for p in paths]).to(device)
+    features = default.encode(x)  # (N, L, D), for timing the search alone
 
-    @torch.inference_mode()
-    def encoder_only(b: int, precision: str) -> None:
-        with autocast(cap.device, precision):
-            for k in range(0, len(x), b):
-                cap.model.encoder(x[k:k + b])
+    def decode_images() -> None:  # the pipeline's image threads, nothing else
+        for _ in image_batches(paths, cfg.image_size, args.batch_size, 2, overlap=False):
+            pass
 
-    best_batch = {}
-    for p in precisions:
-        rates_by_batch = {}
-        for b in (1, 2, 4, 8, 16, 32, 64):
-            encoder_only(b, p)  # warm-up: oneDNN builds its kernels for this shape
-            rates_by_batch[b] = timed(lambda: encoder_only(b, p), len(x))
-        best_batch[p] = max(rates_by_batch, key=rates_by_batch.get)
+    def search(k: int) -> None:
+        for i in range(0, len(features), args.batch_size):
+            default.decode(features[i:i + args.batch_size], DecodeOptions(beam_size=k))
 
-    # The pipeline as `capcli caption/beam` runs it, and (b) a loop captioning one image per call.
     # This machine's speed wanders by +-20% from one second to the next, so the measurements are
     # interleaved, repeated, and the medians compared.
     few = paths[: max(20, len(paths) // 4)]
-    list(cap.caption_stream(paths, DecodeOptions(beam_size=1), batch_size=args.batch_size))  # warm-up: files in the page cache
+    for c in captioners.values():
+        list(c.caption_stream(paths[:16], DecodeOptions(beam_size=1), batch_size=args.batch_size))  # warm-up
+    list(default.caption_stream(paths, DecodeOptions(beam_size=1), batch_size=args.batch_size))  # files in the page cache
     runs: dict[str, list[float]] = {}
     for _ in range(args.repeat):
-        for p, c in captioners.items():
-            runs.setdefault(f"bound {p}", []).append(timed(lambda: encoder_only(best_batch[p], p), len(x)))
+        for name, c in captioners.items():
+            runs.setdefault(f"encoder {name}", []).append(timed(lambda: c.encode(x), len(x)))
             for k in (1, 3):
-                runs.setdefault(f"beam {k} {p}", []).append(
+                runs.setdefault(f"beam {k} {name}", []).append(
                     timed(lambda: list(c.caption_stream(paths, DecodeOptions(beam_size=k), batch_size=args.batch_size)), len(paths)))
-        runs.setdefault("loop", []).append(timed(lambda: [cap.caption([p], beam_size=3) for p in few], len(few)))
+        runs.setdefault("decode", []).append(timed(decode_images, len(paths)))
+        for k in (1, 3):
+            runs.setdefault(f"search {k}", []).append(timed(lambda: search(k), len(paths)))
+        runs.setdefault("loop", []).append(timed(lambda: [default.caption([p], beam_size=3) for p in few], len(few)))
     median = {key: statistics.median(v) for key, v in runs.items()}
 
     def spread(key: str) -> str:
         return f"min {min(runs[key]):.1f}, max {max(runs[key]):.1f}"
 
-    for p in precisions:
-        bound = median[f"bound {p}"]
-        line(f"encoder-only bound {p}", bound, "images/s", f"(batch {best_batch[p]}; median of {args.repeat}, {spread(f'bound {p}')})")
+    for name in captioners:
+        line(f"encoder-only {name}", median[f"encoder {name}"], "images/s", f"(median of {args.repeat}, {spread(f'encoder {name}')})")
         for k in (1, 3):
-            key = f"beam {k} {p}"
-            line(f"pipeline beam {k} {p}", median[key], "images/s", f"({median[key] / bound:.2f}x the {p} encoder bound; {spread(key)})")
-    line(f"one-at-a-time loop beam 3 {cap.precision}", median["loop"], "images/s", f"({spread('loop')})")
-    line(f"pipeline beam 3 {cap.precision} / loop", median[f"beam 3 {cap.precision}"] / median["loop"], "x")
-    for p in precisions[1:]:
-        for what in ("bound", "beam 1", "beam 3"):
-            line(f"ratio: {what} {p} / fp32", median[f"{what} {p}"] / median[f"{what} fp32"], "x")
+            key = f"beam {k} {name}"
+            line(f"pipeline beam {k} {name}", median[key], "images/s", f"({spread(key)})")
+    line("stage: decoding images", 1000 / median["decode"], "ms/image", "(2 threads)")
+    for name in captioners:
+        line(f"stage: encoding {name}", 1000 / median[f"encoder {name}"], "ms/image")
+    for k in (1, 3):
+        line(f"stage: search beam {k}", 1000 / median[f"search {k}"], "ms/image")
+    line(f"one-at-a-time loop beam 3 {default_name}", median["loop"], "images/s", f"({spread('loop')})")
+    for name in list(captioners)[1:]:
+        for what in ("encoder", "beam 1", "beam 3"):
+            line(f"ratio: {what} {name} / torch fp32", median[f"{what} {name}"] / median[f"{what} torch fp32"], "x")
 
     if args.skip_process:
         return
     capcli = [sys.executable, "-m", "capcli"]
-    walls = []
-    for _ in range(3):
-        t = time.perf_counter()
-        subprocess.run([*capcli, "caption", "-m", str(model_path), "--device", args.device, str(paths[0])],
-                       check=True, capture_output=True)
-        walls.append(time.perf_counter() - t)
-    line("cold start: caption one.jpg", min(walls), "s wall", f"(median {statistics.median(walls):.2f} s)")
+    runtimes = [("torch", "fp32"), *((("openvino", "auto"),) if ("openvino", "fp32") in chosen else ())]
+    for runtime, precision in runtimes:
+        walls = []
+        for _ in range(3):
+            t = time.perf_counter()
+            subprocess.run([*capcli, "caption", "-m", str(model_path), "--device", args.device, "--runtime", runtime,
+                            "--precision", precision, str(paths[0])], check=True, capture_output=True)
+            walls.append(time.perf_counter() - t)
+        line(f"cold start: caption one.jpg, {runtime} {precision}", min(walls), "s wall", f"(median {statistics.median(walls):.2f} s)")
 
     listing = "\n".join(str(paths[i % len(paths)]) for i in range(1000)) + "\n"
     # The child reports its own peak (VmHWM): ru_maxrss of a child also counts this process's
@@ -145,13 +161,16 @@ def main() -> None:
     report_peak = ("import atexit, sys; atexit.register(lambda: sys.stderr.write('PEAK ' + "
                    "open('/proc/self/status').read().split('VmHWM:')[1].split()[0] + '\\n')); "
                    "sys.argv[0] = 'capcli'; from capcli.cli import main; main()")
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", report_peak, "beam", "-k", "3", "-m", str(model_path),
-                           "--device", args.device, "-"], input=listing, capture_output=True, text=True, check=True)
-    wall = time.perf_counter() - t
-    assert proc.stdout.count("\n") == 1000
-    peak_kib = int(proc.stderr.rsplit("PEAK ", 1)[1].split()[0])
-    line("peak memory: beam 3 over 1000 images", peak_kib / 1024, "MiB", f"({1000 / wall:.1f} images/s end to end, start-up included)")
+    for runtime, precision in runtimes:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", report_peak, "beam", "-k", "3", "-m", str(model_path), "--device",
+                               args.device, "--runtime", runtime, "--precision", precision, "-"],
+                              input=listing, capture_output=True, text=True, check=True)
+        wall = time.perf_counter() - t
+        assert proc.stdout.count("\n") == 1000
+        peak_kib = int(proc.stderr.rsplit("PEAK ", 1)[1].split()[0])
+        line(f"peak memory: beam 3, 1000 images, {runtime} {precision}", peak_kib / 1024, "MiB",
+             f"({1000 / wall:.1f} images/s end to end, start-up included)")
 
 
 if __name__ == "__main__":

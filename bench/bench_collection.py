@@ -62,7 +62,7 @@ def listing_bytes(files: int, where: Path) -> tuple[float, float]:
     """(bytes per file held by list(expand_paths([folder])), bytes per path string)."""
     import tracemalloc
 
-    from capcli.data.images import expand_paths
+    from capcli.data.listing import expand_paths
 
     for d in range(100):
         sub = where / f"d{d:03d}"

@@ -1,6 +1,6 @@
 """Training throughput (captions/s) of one process and of DistributedDataParallel, side by side in one run.
 
-    python bench/bench_train.py [--data DIR] [--images-limit 200] [--epochs 1] [--repeat 1] [--scst]
+    python bench/bench_train.py [--data DIR] [--images-limit 200] [--epochs 1] [--repeat 1] [--scst | --fine-tune]
 
 Prints one line per figure, each the captions/s of the last epoch's training steps (validation
 and the feature cache excluded: the cache is built before the timed runs, and copied in):
@@ -14,6 +14,13 @@ and the feature cache excluded: the cache is built before the timed runs, and co
                                     cross-entropy epoch it starts from, one process, all threads (or
                                     $OMP_NUM_THREADS): seconds, captions/s (sampled captions for
                                     SCST), the share of the CIDEr-D reward, the ratio of epoch times
+  --fine-tune, instead of all these what an epoch costs that trains the encoder too, one process, the
+                                    automatic precision, all threads (or $OMP_NUM_THREADS), each run
+                                    in a fresh folder: the frozen encoder's cache, --fine-tune-blocks 1
+                                    and 3 (the cache of the frozen part below those blocks; the blocks
+                                    run at every step) and --fine-tune-encoder (no cache, the whole
+                                    encoder at every step); for each the cache's build time and size
+                                    per image on disk, the epoch's training seconds and captions/s
 --batch-size is the global batch in every case, so all runs do the same arithmetic. On a machine
 with 2 CPU cores, expect no gain from 2 processes: the point there is correctness, not speed.
 Skips (exit 0, with a message) when the data set is absent.
@@ -65,6 +72,7 @@ def main() -> None:
     ap.add_argument("--skip-cpu", action="store_true", help="only the GPU figures")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run folders here (default: a temporary folder)")
     ap.add_argument("--scst", action="store_true", help="instead: time a self-critical epoch against a cross-entropy one")
+    ap.add_argument("--fine-tune", action="store_true", help="instead: the epoch cost of fine-tuning the encoder's top blocks")
     args = ap.parse_args()
 
     if not (args.data / "captions.txt").is_file():
@@ -81,6 +89,11 @@ def main() -> None:
               "--epochs", str(args.epochs), "--patience", "99", "--save-every", "0"]
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.fine_tune:
+        fine_tune_costs(args, work, common, "cuda" if gpus else "cpu")
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return
 
     def env(threads: int | None, **extra) -> dict:
         e = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
@@ -217,6 +230,61 @@ def main() -> None:
             line("ratio: scst / xe epoch time", sc["train_seconds"] / max(xe["train_seconds"], 1e-9), "x")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# --fine-tune: the runs compared, and what each adds to the command line
+FINE_TUNE_RUNS = (
+    ("frozen encoder (cache of its features)", []),
+    ("--fine-tune-blocks 1 (cache below the head)", ["--fine-tune-blocks", "1"]),
+    ("--fine-tune-blocks 3 (cache below blocks.5)", ["--fine-tune-blocks", "3"]),
+    ("--fine-tune-encoder (whole encoder per step)", ["--fine-tune-encoder"]),
+)
+
+
+def fine_tune_costs(args, work: Path, common: list[str], device: str) -> None:
+    """Each of FINE_TUNE_RUNS in a fresh run folder, --repeat times interleaved: the cache's build
+    time and its size per image, the epochs' training seconds (the last epoch's) and captions/s."""
+    import re
+    import statistics
+
+    import torch
+
+    for p in (args.data / "Images").iterdir():  # the first run must not pay for reading the files from disk
+        p.read_bytes()
+    e = dict(os.environ)
+    if "OMP_NUM_THREADS" not in e and device == "cpu":
+        e["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    print(f"# {'first ' + str(args.images_limit) + ' images of ' if args.images_limit else ''}{args.data}, global batch "
+          f"{args.batch_size}, {args.epochs} epoch(s) per run, {device}, --precision auto, "
+          f"{e.get('OMP_NUM_THREADS', 'default')} threads, torch {torch.__version__}", flush=True)
+    seen: dict[str, list[dict]] = {name: [] for name, _ in FINE_TUNE_RUNS}
+    for k in range(args.repeat):
+        for i, (name, extra) in enumerate(FINE_TUNE_RUNS):
+            out = work / f"fine-tune-{i}-{k}"
+            t0 = time.time()
+            p = subprocess.run([sys.executable, "-m", "capcli", "train", "-o", str(out), *common, "--device", device,
+                                *extra], env=e, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(f"# {name}: failed (exit {p.returncode}): {p.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            r = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][-1]
+            cached = re.search(r"cached features of (\d+) images in ([\d.]+) s", p.stderr)
+            r["cache_seconds"] = float(cached[2]) if cached else 0.0
+            r["cache_bytes"] = sum(f.stat().st_size for f in out.glob("features-*.f16")) / int(cached[1]) if cached else 0.0
+            r["wall"] = time.time() - t0
+            seen[name].append(r)
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+    for name, rs in seen.items():
+        if not rs:
+            continue
+        median = {key: statistics.median(r[key] for r in rs) for key in ("train_seconds", "captions_per_s", "cache_seconds",
+                                                                         "cache_bytes", "wall", "val_seconds")}
+        cache = (f"cache {median['cache_seconds']:.1f} s once, {median['cache_bytes'] / 1024:.1f} KiB/image"
+                 if median["cache_bytes"] else "no cache")
+        line(f"epoch: {name}", median["train_seconds"], "s",
+             f"({median['captions_per_s']:.0f} captions/s; {cache}; val {median['val_seconds']:.1f} s; "
+             f"whole run {median['wall']:.0f} s; train loss {rs[-1]['train_loss']:.3f}; median of {len(rs)})")
 
 
 if __name__ == "__main__":

@@ -5,10 +5,16 @@ from capcli.errors import CapcliError
 ENCODERS = ("lite0", "resnet50", "resnet101", "resnet152")  # plus "timm:<name>"
 ATTENTIONS = ("additive", "general", "dot", "none")
 RNNS = ("lstm", "gru")
-# Named here, not beside the code that uses them (runtime.devices, infer.collection): those modules import torch
+# Choices of the CLI's options. Devices, precisions and runtimes are named here, not beside the code that
+# handles them (runtime.devices, infer.encoding): those modules import torch. The result formats' code
+# (infer.result_lines) imports none, so FORMATS could live there; it stays beside caption's other choices.
 DEVICES = ("auto", "cpu", "cuda")  # plus "cuda:N", which the option help does not list
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of training, and of the encoder on PyTorch
+CAPTION_PRECISIONS = PRECISIONS + ("int8",)  # int8: the encoder on OpenVINO, CPU only
+RUNTIMES = ("auto", "torch", "openvino")  # what runs the encoder when captioning; auto: OpenVINO on the CPU
 FORMATS = ("text", "tsv", "jsonl")  # of caption/beam results
+EXPORT_FORMATS = ("onnx",)  # of `capcli export`
+CALIBRATION_IMAGES = 300  # `capcli quantize`'s default: NNCF's own; fewer than ~100 loses accuracy
 
 
 def encoder_name_problem(name: str) -> str | None:

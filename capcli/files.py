@@ -181,3 +181,11 @@ def is_safetensors(path: str | Path) -> bool:
 def first_line(e: BaseException) -> str:
     """An exception's message, its first line only: messages stay one line."""
     return str(e).splitlines()[0] if str(e) else ""
+
+
+def cache_dir() -> Path:
+    """capcli's cache folder: $CAPCLI_CACHE_DIR, else $XDG_CACHE_HOME/capcli, else ~/.cache/capcli.
+    Everything in it can be deleted; capcli rebuilds what it needs."""
+    if folder := os.environ.get("CAPCLI_CACHE_DIR"):
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "capcli"

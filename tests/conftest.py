@@ -63,6 +63,31 @@ def make_shapes_dataset(root: Path, per_class: int = 6, size: int = 64) -> Path:
     return root
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests that load OpenVINO into this process run last. Once its threads are in the process, a
+    later in-process SIGINT in the fine-tuning resume test ended pytest with SIGSEGV (the same
+    signals in capcli processes, OpenVINO loaded, are fine: tests/test_collection_hostile.py)."""
+    items.sort(key=lambda item: item.get_closest_marker("openvino") is not None)  # stable: order kept otherwise
+
+
+@pytest.fixture(autouse=True)
+def torch_encoder_in_process(request, monkeypatch):
+    """In this process `--runtime auto` means PyTorch, except in tests marked openvino (see above);
+    capcli subprocesses choose as users' do."""
+    if request.node.get_closest_marker("openvino") is None:
+        from capcli.infer import openvino_encoder
+
+        monkeypatch.setattr(openvino_encoder, "openvino_available", lambda: False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """capcli's cache (converted encoders) in a folder of the test session's, never the user's."""
+    folder = tmp_path_factory.mktemp("capcli-cache")
+    os.environ["CAPCLI_CACHE_DIR"] = str(folder)  # for subprocesses too
+    return folder
+
+
 @pytest.fixture
 def capcli_log(monkeypatch):
     """Let caplog see the "capcli" logger even after a CLI run made it stop propagating."""

@@ -98,7 +98,8 @@ from typer.testing import CliRunner
 
 from capcli.cli import app
 from capcli.data.datasets import load_dataset
-from capcli.data.images import ImageError, expand_paths, load_image
+from capcli.data.images import ImageError, load_image
+from capcli.data.listing import expand_paths
 from capcli.data.tables import read_caption_table
 from capcli.errors import CapcliError
 from capcli.model.encoders import Encoder

@@ -1,5 +1,6 @@
 """Captioning whole collections: sidecar files, -o/--resume result files, progress on a terminal,
---shard jobs and torchrun processes (capcli.collection and the caption/beam plumbing in cli.py)."""
+--shard jobs and torchrun processes (capcli.infer.collection, sidecars, result_files and shards, and
+the caption/beam command in capcli/cli/caption.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ import pytest
 from conftest import cli_env as _env
 from conftest import run_cli as run
 
-from capcli.data.images import walk_images
+from capcli.data.listing import walk_images
 from capcli.errors import CapcliError
-from capcli.infer import collection
+from capcli.infer import result_files, shards
+from capcli.infer.sidecars import Sidecars
 
 
 @pytest.fixture
@@ -142,7 +144,7 @@ def test_sidecar_collisions_do_not_trust_modification_times(tmp_path, monkeypatc
     future = tmp_path / "b.txt"
     future.write_text("kept\n")
     os.utime(future, (time.time() + 3600, time.time() + 3600))
-    sidecars = collection.Sidecars(".txt", None, [str(tmp_path)], overwrite=False)
+    sidecars = Sidecars(".txt", None, [str(tmp_path)], overwrite=False)
     assert not sidecars.wanted(str(tmp_path / "b.png"))  # an earlier run's: kept, its image skipped
     assert sidecars.wanted(str(tmp_path / "a.jpg")) and sidecars.wanted(str(tmp_path / "a.png"))
     assert sidecars.write(str(tmp_path / "a.jpg"), "one")
@@ -197,7 +199,7 @@ def test_resume_refuses_a_file_that_is_not_results(tmp_path):
     bad = tmp_path / "notes.jsonl"
     bad.write_text('{"path": "a.jpg", "caption": "x"}\nhello\n')
     with pytest.raises(CapcliError, match=r"notes.jsonl line 2: not a capcli jsonl result line"):
-        collection.read_done(bad, "jsonl")
+        result_files.read_done(bad, "jsonl")
 
 
 def test_sigkill_mid_run_then_resume_gives_every_image_once(trained_model, collection_dir, tmp_path):
@@ -249,11 +251,11 @@ def test_bad_shards(trained_model, collection_dir, value, message):
 
 def test_share_and_part_names():
     items = list(range(23))
-    shares = [collection.share(items, i, 4, batch_size=3) for i in range(4)]
+    shares = [shards.share(items, i, 4, batch_size=3) for i in range(4)]
     assert sum(shares, []) == items  # 8 batches of 3 (the last short): 2 each
     assert [len(s) for s in shares] == [6, 6, 6, 5]
-    assert collection.share(items, 3, 9, batch_size=10) == []  # more jobs than batches
-    assert collection.part_path(Path("d/out.jsonl"), 3, 12) == Path("d/out.part-03-of-12.jsonl")
+    assert shards.share(items, 3, 9, batch_size=10) == []  # more jobs than batches
+    assert shards.part_path(Path("d/out.jsonl"), 3, 12) == Path("d/out.part-03-of-12.jsonl")
 
 
 def test_merge_keeps_order_and_drops_repeats(tmp_path):
@@ -261,7 +263,7 @@ def test_merge_keeps_order_and_drops_repeats(tmp_path):
     out.write_text("x.jpg\tone\n")
     a.write_text("x.jpg\tone again\ny.jpg\ttwo\n")
     b.write_text("z.jpg\tthree\n")
-    assert collection.merge_parts(out, [a, b], "tsv") == 3
+    assert shards.merge_parts(out, [a, b], "tsv") == 3
     assert out.read_text() == "x.jpg\tone\ny.jpg\ttwo\nz.jpg\tthree\n"
     assert not a.exists() and not b.exists()
 

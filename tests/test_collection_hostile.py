@@ -23,8 +23,9 @@ from conftest import shape_image
 
 import capcli.data.images as images
 from capcli.data.images import ImageError, load_image
+from capcli.data.listing import STDIN_LINE_LIMIT
 from capcli.errors import CapcliError
-from capcli.infer import collection
+from capcli.infer import result_files, shards
 
 
 def capcli(*args, input: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -213,7 +214,7 @@ def test_stdin_lines_are_bounded(trained_model):
         result = subprocess.run([sys.executable, "-m", "capcli", "caption", "-m", str(trained_model), "--device", "cpu"],
                                 stdin=zero, capture_output=True, env=_env(), timeout=60)
     assert result.returncode == 2
-    assert result.stderr.decode() == (f"capcli: stdin line 1: longer than {images.STDIN_LINE_LIMIT} bytes: "
+    assert result.stderr.decode() == (f"capcli: stdin line 1: longer than {STDIN_LINE_LIMIT} bytes: "
                                       f"not a file name or URL (give one per line)\n")
 
 
@@ -222,10 +223,10 @@ def test_stdin_lines_are_bounded(trained_model):
 def test_result_files_are_opened_for_appending_and_locked(tmp_path):
     out = tmp_path / "out.tsv"
     for resume in (False, True):  # made by this run, then continued
-        results = collection.ResultFile(out, "tsv", resume)
+        results = result_files.ResultFile(out, "tsv", resume)
         assert fcntl.fcntl(results.file.fileno(), fcntl.F_GETFL) & os.O_APPEND
         with pytest.raises(CapcliError, match=rf"^{out}: another capcli run \(pid {os.getpid()}\) is writing it"):
-            collection.ResultFile(out, "tsv", resume=True)
+            result_files.ResultFile(out, "tsv", resume=True)
         results.write(f"a{int(resume)}.png\tcaption")
         results.close()
     assert out.read_text() == "a0.png\tcaption\na1.png\tcaption\n"
@@ -459,7 +460,7 @@ def test_torchrun_process_that_cannot_start_stops_every_process_with_one_line(tr
     photos = tmp_path / "photos"
     pictures(photos, *(f"{k}.png" for k in range(8)))
     out = tmp_path / "out.jsonl"
-    left = collection.part_path(out, 1, 2)
+    left = shards.part_path(out, 1, 2)
     left.write_text("")  # an earlier run's part: process 1 refuses it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "capcli",
            "caption", "-m", str(trained_model), str(photos), "-o", str(out), "--device", "cpu", "--batch-size", "2"]

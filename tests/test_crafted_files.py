@@ -372,7 +372,7 @@ def test_deep_karpathy_and_coco_files(tmp_path):
 
 
 def test_a_deep_result_line_is_not_a_result_line():
-    from capcli.infer.collection import line_path
+    from capcli.infer.result_lines import line_path
 
     with pytest.raises(CapcliError) as e:
         line_path('{"path": ' + DEEP + "}", "jsonl", "out.jsonl:3")

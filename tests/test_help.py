@@ -16,7 +16,7 @@ from capcli import choices
 from capcli.cli import app
 from capcli.version import __version__
 
-COMMANDS = ["build-vocab", "train", "caption", "beam", "evaluate"]
+COMMANDS = ["build-vocab", "train", "caption", "beam", "evaluate", "quantize", "export"]
 
 
 def help_text(*command: str) -> str:
@@ -34,7 +34,8 @@ def test_help_fits_80_columns_and_splits_no_choice(command):
     text = help_text(*filter(None, [command]))
     assert max(len(line) for line in text.splitlines()) <= 80
     # Every word of a choice list is a whole choice: `<additive|general|dot|no` / `ne>` was cut mid-word
-    whole = {*choices.ATTENTIONS, *choices.RNNS, *choices.DEVICES, *choices.PRECISIONS, *choices.FORMATS,
+    whole = {*choices.ATTENTIONS, *choices.RNNS, *choices.DEVICES, *choices.CAPTION_PRECISIONS, *choices.FORMATS,
+             *choices.RUNTIMES, *choices.EXPORT_FORMATS,
              "word", "char", "smiles", "mean", "greedy", "train", "val", "test", "int", "float", "path", "str", "list",
              "range", "x"}  # <int range> [x>=1]
     for line in text.splitlines():

@@ -18,7 +18,8 @@ import pytest
 
 import capcli.data.images as images
 from capcli.infer.captioner import Captioner
-from capcli.data.images import ImageError, expand_paths, image_batches, load_image
+from capcli.data.images import ImageError, image_batches, load_image
+from capcli.data.listing import expand_paths
 from conftest import shape_image
 
 LIMIT = images.MAX_IMAGE_PIXELS

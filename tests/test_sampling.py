@@ -110,3 +110,119 @@ def test_scores_are_length_normalised_and_sorted(penalty):
 def test_bad_arguments():
     with pytest.raises(ValueError):
         beam_search(make_decoder(), features(1), beam_size=2, nbest=3)
+
+
+# --------------------------------------------------------------------------- the n-gram repetition guard
+
+def looping_decoder() -> Decoder:
+    """A decoder that always wants the same few words, in the same order, and never <end>: left
+    alone it says "4 4 4 ..." (the rows differ only through attention, which the zeroed fc ignores)."""
+    decoder = make_decoder(end_bias=-1e4)
+    with torch.no_grad():
+        decoder.fc.weight.zero_()
+        decoder.fc.bias.copy_(-0.1 * torch.arange(V, dtype=torch.float))  # 4 over 5 over 6 ...
+        decoder.fc.bias[END] = -1e4
+    return decoder
+
+
+def ngrams(tokens: list[int], n: int) -> list[tuple[int, ...]]:
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repeats(tokens: list[int], n: int) -> bool:
+    grams = ngrams(tokens, n)
+    return len(grams) != len(set(grams))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_guard_never_repeats_an_ngram(n):
+    decoder, f = looping_decoder(), features(3)
+    assert all(h.tokens == [4] * 12 for h in greedy(decoder, f, max_len=12))  # the rig loops unguarded
+    for h in greedy(decoder, f, max_len=12, no_repeat_ngram=n):
+        assert len(h.tokens) == 12 and not repeats(h.tokens, n)
+    for hyps in beam_search(decoder, f, beam_size=3, max_len=12, nbest=3, no_repeat_ngram=n):
+        assert len(hyps) == 3
+        for h in hyps:
+            assert len(h.tokens) == 12 and not repeats(h.tokens, n)
+            assert h.logprob > float("-inf") and not {PAD, START, UNK, END} & set(h.tokens)
+
+
+def test_the_guard_on_a_varied_decoder_and_beam_one_still_is_greedy():
+    decoder, f = varied_decoder(), features(8)
+    g = greedy(decoder, f, max_len=15, no_repeat_ngram=2)
+    b = beam_search(decoder, f, beam_size=1, max_len=15, no_repeat_ngram=2)
+    for gh, (bh,) in zip(g, b):
+        assert not repeats(gh.tokens, 2)
+        assert gh.tokens == bh.tokens and gh.finished == bh.finished
+        assert gh.logprob == pytest.approx(bh.logprob, abs=1e-5)
+    for hyps in beam_search(decoder, f, beam_size=4, max_len=15, nbest=4, no_repeat_ngram=2):
+        assert all(not repeats(h.tokens, 2) for h in hyps)
+
+
+def test_a_row_with_every_word_blocked_ends():
+    """n=1 allows each word once: after the V-4 words that are neither specials nor <end>, only
+    <end> is left, however unlikely the model finds it."""
+    decoder, f = looping_decoder(), features(2)
+    words = V - 4
+    for h in greedy(decoder, f, max_len=60, no_repeat_ngram=1):
+        assert h.finished and sorted(h.tokens) == list(range(4, V))
+        assert h.logprob > float("-inf") and h.alphas.shape == (words, 9)
+    for hyps in beam_search(decoder, f, beam_size=2, max_len=60, nbest=2, no_repeat_ngram=1):
+        assert hyps and all(h.finished and sorted(h.tokens) == list(range(4, V)) for h in hyps)
+
+
+def test_captions_without_repeats_are_unchanged_by_the_guard():
+    decoder, f = varied_decoder(), features(20)
+    plain = greedy(decoder, f, max_len=15)
+    guarded = greedy(decoder, f, max_len=15, no_repeat_ngram=3)
+    assert any(repeats(h.tokens, 3) for h in plain) and any(not repeats(h.tokens, 3) for h in plain)
+    for p, g in zip(plain, guarded):
+        if not repeats(p.tokens, 3):
+            assert (g.tokens, g.finished) == (p.tokens, p.finished)
+            assert (g.logprob, g.score) == (p.logprob, p.score)
+            torch.testing.assert_close(g.alphas, p.alphas)
+    # Beam search: when no beam ever held a repeat, nothing was blocked and the beams are the same.
+    short = dict(beam_size=3, max_len=4, nbest=3)
+    plain_beams = beam_search(decoder, f, **short)
+    assert not any(repeats(h.tokens, 3) for hyps in plain_beams for h in hyps)
+    for p, g in zip(plain_beams, beam_search(decoder, f, no_repeat_ngram=3, **short)):
+        assert [(h.tokens, h.score) for h in g] == [(h.tokens, h.score) for h in p]
+
+
+def guard_captioner(tokenizer: str):
+    """A Captioner of the looping decoder with a ``tokenizer`` vocabulary (V tokens)."""
+    from capcli.infer.captioner import Captioner
+    from capcli.text.vocab import SPECIALS, Vocab
+
+    captioner = Captioner.__new__(Captioner)
+    captioner.vocab = Vocab(list(SPECIALS) + [f"t{i}" for i in range(4, V)], {}, 1, 50, tokenizer)
+    captioner.model = type("M", (), {"decoder": looping_decoder()})()
+    return captioner
+
+
+@pytest.mark.parametrize("tokenizer", ["word", "char", "smiles"])
+def test_the_guard_is_on_for_words_and_off_for_characters_and_smiles_by_default(tokenizer):
+    from capcli.infer.decode import DecodeOptions
+    from capcli.text.tokenizers import DEFAULT_NO_REPEAT_NGRAM
+
+    captioner, f = guard_captioner(tokenizer), features(2)
+    default = DEFAULT_NO_REPEAT_NGRAM[tokenizer]
+    assert (default > 0) == (tokenizer == "word")
+    for k in (1, 3):
+        by_default = [h.tokens for hyps in captioner.decode(f, DecodeOptions(beam_size=k, max_len=10)) for h in hyps]
+        off = [h.tokens for hyps in captioner.decode(f, DecodeOptions(beam_size=k, max_len=10, no_repeat_ngram=0)) for h in hyps]
+        asked = [h.tokens for hyps in captioner.decode(f, DecodeOptions(beam_size=k, max_len=10, no_repeat_ngram=2)) for h in hyps]
+        assert all(repeats(t, 2) for t in off)  # 0 turns it off, for every tokenizer
+        assert all(not repeats(t, 2) for t in asked)  # and any model gets it when asked
+        if default:
+            assert all(not repeats(t, default) for t in by_default)
+        else:
+            assert by_default == off
+
+
+def test_decode_options_refuse_a_negative_ngram():
+    from capcli.infer.decode import DecodeOptions
+
+    with pytest.raises(ValueError):
+        DecodeOptions(no_repeat_ngram=-1)
+    assert DecodeOptions().no_repeat_ngram is None  # the tokenizer's default

@@ -15,13 +15,13 @@ from typer.testing import CliRunner
 
 from capcli.model import files as model_files
 from capcli.train import scst
-from capcli.train import loop as training
+from capcli.train import validation
 from capcli.metrics.cider import CiderD, document_frequencies, load_document_frequencies, save_document_frequencies
 from capcli.cli import app
 from capcli.model.caption_model import CaptionModel
 from capcli.model.decoder import Decoder
 from capcli.model.config import ModelConfig
-from capcli.infer.decode import BANNED
+from capcli.infer.decode import BANNED, caption_log_probs
 from capcli.text.vocab import END, PAD, START, Vocab
 from conftest import SMALL
 from test_distributed import _env, _torchrun
@@ -138,7 +138,7 @@ def teacher_forced_logprobs(decoder: Decoder, features: torch.Tensor, tokens: li
     """log p of each token of one caption (and its <end>, if in ``tokens``) under the sampling policy."""
     captions = torch.tensor([[START, *tokens]])  # (1, T+1)
     logits, _ = decoder(features, captions, [len(tokens) + 1])  # (1, T, V)
-    logp = scst.log_probs(logits[0])  # (T, V)
+    logp = caption_log_probs(logits[0])  # (T, V)
     return logp.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1)  # (T,)
 
 
@@ -268,13 +268,13 @@ def test_scst_phase_resumes_exactly(tmp_path, shapes_dir):
 
 
 def test_scst_starts_from_the_best_cross_entropy_epoch(tmp_path, shapes_dir, monkeypatch):
-    real = training.validation_scores
+    real = validation.validation_scores
     scores = iter([0.5, 0.3])  # epoch 1 is the best, epoch 2 is not
 
     def fake_cider(references, candidates, kind, cider=False):
         return {**real(references, candidates, kind), "val_cider": next(scores)}
 
-    monkeypatch.setattr(training, "validation_scores", fake_cider)
+    monkeypatch.setattr(validation, "validation_scores", fake_cider)
     run = tmp_path / "run"
     out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--epochs", "2", "--scst-after", "2", *BASE)
     assert [r["best"] for r in metrics(run)] == [True, False]
@@ -308,8 +308,8 @@ def test_document_frequencies_count_the_train_split_only(tmp_path, shapes_dir):
 
 def test_val_beam_validates_with_beam_search(tmp_path, shapes_dir, monkeypatch):
     beams = []
-    real = training.decode
-    monkeypatch.setattr(training, "decode", lambda decoder, features, options: beams.append(options.beam_size)
+    real = validation.decode
+    monkeypatch.setattr(validation, "decode", lambda decoder, features, options: beams.append(options.beam_size)
                         or real(decoder, features, options))
     run_cli("train", "--data", str(shapes_dir), "-o", str(tmp_path / "run"), "--epochs", "1", "--val-beam", "3", *BASE)
     assert beams and set(beams) == {3}

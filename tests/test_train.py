@@ -178,10 +178,10 @@ def test_validation_decodes_as_long_as_evaluate_does(tmp_path, shapes_dir, monke
     stops at 30: a looping caption scored differently in the two. Now both use the tokenizer's
     decode length."""
     from capcli.text.tokenizers import DEFAULT_DECODE_LEN
-    from capcli.train import loop
+    from capcli.train import validation
 
     seen = []
-    real_decode = loop.decode
-    monkeypatch.setattr(loop, "decode", lambda decoder, features, options: seen.append(options.max_len) or real_decode(decoder, features, options))
+    real_decode = validation.decode
+    monkeypatch.setattr(validation, "decode", lambda decoder, features, options: seen.append(options.max_len) or real_decode(decoder, features, options))
     train("--data", str(shapes_dir), "-o", str(tmp_path / "run"), "--epochs", "1", *BASE)
     assert seen and set(seen) == {DEFAULT_DECODE_LEN["word"]}

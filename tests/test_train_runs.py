@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 
 from capcli.model import files as model_files
 from capcli.train import state as train_state
-from capcli.train import loop as training
+from capcli.train import loop
+from capcli.train import setup as train_setup
 from capcli.cli import app
-from capcli.train.loop import plateau_step
+from capcli.train.schedule import plateau_step
 from capcli.train.config import TrainConfig
 from conftest import SMALL
 
@@ -141,18 +142,18 @@ def test_fine_tuning_stops_on_too_many_unreadable_images_after_saving_the_epoch(
 
 def test_ctrl_c_during_validation_finishes_the_epoch_then_stops(tmp_path, shapes_dir, monkeypatch):
     run = tmp_path / "run"
-    real_validate = training.Trainer.validate
+    real_validate = loop.Trainer.validate
 
     def validate_then_ctrl_c(self):
         os.kill(os.getpid(), signal.SIGINT)  # pressed while validation runs
         return real_validate(self)
 
-    monkeypatch.setattr(training.Trainer, "validate", validate_then_ctrl_c)
+    monkeypatch.setattr(loop.Trainer, "validate", validate_then_ctrl_c)
     out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--epochs", "3", *BASE, code=130)
     assert f"interrupted after epoch 1 by Ctrl-C; saved {run / 'last.safetensors'}; continue with: capcli train --resume {run}" in out
     assert model_files.load_model(run / "last.safetensors").training["epochs"] == 1
     assert [r["epoch"] for r in metrics(run)] == [1]
-    monkeypatch.setattr(training.Trainer, "validate", real_validate)
+    monkeypatch.setattr(loop.Trainer, "validate", real_validate)
     run_cli("train", "--resume", str(run))
     assert [r["epoch"] for r in metrics(run)] == [1, 2, 3]
 
@@ -163,7 +164,7 @@ def test_ctrl_c_while_caching_features_says_how_to_continue(tmp_path, shapes_dir
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(training, "build_feature_cache", interrupted)
+    monkeypatch.setattr(train_setup, "build_feature_cache", interrupted)
     out = run_cli("train", "--data", str(shapes_dir), "-o", str(run), "--epochs", "1", *BASE, code=130)
     assert f"interrupted by Ctrl-C while caching features; the images cached so far are kept; continue with: capcli train --resume {run}" in out
 

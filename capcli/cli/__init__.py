@@ -6,6 +6,8 @@ from capcli.cli import build_vocab  # noqa: F401, I001
 from capcli.cli import train  # noqa: F401
 from capcli.cli import caption  # noqa: F401
 from capcli.cli import evaluate  # noqa: F401
+from capcli.cli import quantize  # noqa: F401
+from capcli.cli import export  # noqa: F401
 from capcli.cli.frame import RichReporter, app, keep_freed_memory, main
 
 __all__ = ["app", "main", "keep_freed_memory", "RichReporter"]

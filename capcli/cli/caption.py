@@ -30,16 +30,20 @@ from capcli.cli.options import (
     OutputOpt,
     OverwriteOpt,
     PathsArg,
+    NoRepeatOpt,
     PenaltyOpt,
-    Precision,
+    CaptionPrecision,
     PrecisionOpt,
+    Runtime,
+    RuntimeOpt,
     ResumeOpt,
     ShardOpt,
     SidecarDirOpt,
     SidecarOpt,
     WorkersOpt,
 )
-from capcli.data.images import MAX_IMAGE_PIXELS, is_url
+from capcli.data.images import MAX_IMAGE_PIXELS
+from capcli.data.urls import is_url
 from capcli.errors import CapcliError
 from capcli.progress import Reporter
 
@@ -57,7 +61,16 @@ class CollectionOptions:
     shard: Optional[str] = None
 
 
-def _caption_command(paths, model, device, precision, batch_size, options, attention_dir, workers, max_pixels,
+@dataclasses.dataclass
+class ModelChoice:
+    """--model, --device, --precision and --runtime, as given."""
+    model: Optional[str]
+    device: str
+    precision: str
+    runtime: str
+
+
+def _caption_command(paths, chosen: ModelChoice, batch_size, options, attention_dir, workers, max_pixels,
                      out: CollectionOptions):
     """Check the options, open this process's outputs (every process stopping together on a
     problem), caption, then merge, count and report."""
@@ -65,22 +78,24 @@ def _caption_command(paths, model, device, precision, batch_size, options, atten
 
     ctx = distributed.setup()  # torchrun: one share per process; alone: no-op
     paths, fmt, (index, count), to_stdout = _checked(paths, out, options, ctx)
-    destination, captioner, items, found = _opened(paths, out, fmt, index, count, ctx, model, device, precision,
-                                                   attention_dir, batch_size)
-    counts = _captioned(captioner, destination, items, found, options, batch_size, workers, max_pixels,
+    outputs, captioner, items, found = _opened(paths, out, fmt, index, count, ctx, chosen,
+                                               attention_dir, batch_size)
+    counts = _captioned(captioner, outputs, items, found, options, batch_size, workers, max_pixels,
                         attention_dir, to_stdout, ctx)
     _finished(ctx, counts, out, fmt, count, found, paths)
 
 
 def _checked(paths, out: CollectionOptions, options, ctx):
     """(paths, result format, (share, of shares), results to stdout?) once the options are known to fit together."""
-    from capcli.infer import collection
+    from capcli.infer.result_files import TEXT_CANNOT_RESUME
+    from capcli.infer.result_lines import output_format
+    from capcli.infer.shards import parse_shard
 
-    fmt = collection.output_format(out.fmt.value if out.fmt else None, out.output)
+    fmt = output_format(out.fmt.value if out.fmt else None, out.output)
     if out.resume and out.output is None:
         raise CapcliError("--resume continues an -o FILE: give the file")
     if out.resume and fmt == "text":
-        raise CapcliError(collection.TEXT_CANNOT_RESUME)
+        raise CapcliError(TEXT_CANNOT_RESUME)
     if out.sidecar_dir is not None and out.sidecar is None:
         out.sidecar = ".txt"
     if options.nbest > 1 and fmt != "jsonl":
@@ -93,7 +108,7 @@ def _checked(paths, out: CollectionOptions, options, ctx):
         paths = ["-"]
     if ctx.enabled and out.shard is not None:
         raise CapcliError("--shard is for independent jobs; under torchrun each process takes its share already")
-    index, count = collection.parse_shard(out.shard) if out.shard else (ctx.rank, ctx.world_size)
+    index, count = parse_shard(out.shard) if out.shard else (ctx.rank, ctx.world_size)
     if ctx.enabled and "-" in paths:
         raise CapcliError("under torchrun give folders or files: the processes cannot share stdin "
                           "(or split a list with --shard I/N, one job per share)")
@@ -107,66 +122,71 @@ def _checked(paths, out: CollectionOptions, options, ctx):
     return paths, fmt, (index, count), to_stdout
 
 
-def _opened(paths, out: CollectionOptions, fmt, index, count, ctx, model, device, precision, attention_dir, batch_size):
-    """(this process's Destination, the Captioner, its images, how many were found: None for stdin)."""
-    from capcli.data.images import expand_paths
-    from capcli.infer import collection
+def _opened(paths, out: CollectionOptions, fmt, index, count, ctx, chosen: ModelChoice, attention_dir, batch_size):
+    """(this process's Outputs, the Captioner, its images, how many were found: None for stdin)."""
+    from capcli.data.listing import expand_paths
     from capcli.infer.captioner import Captioner
+    from capcli.infer.collection import Outputs
+    from capcli.infer.result_files import read_done
+    from capcli.infer.shards import share
+    from capcli.infer.sidecars import Sidecars, writable_folder
     from capcli.runtime import distributed
 
     # What can fail in one process alone (its part file exists or another run has it, a folder it
     # cannot write) is found before the first collective, and every process stops on it together:
     # none is left waiting for one that has gone.
-    destination, problem = None, None
+    outputs, problem = None, None
     try:
         try:
-            sidecars = None if out.sidecar is None else collection.Sidecars(
+            sidecars = None if out.sidecar is None else Sidecars(
                 out.sidecar, out.sidecar_dir, [p for p in paths if os.path.isdir(p)], out.overwrite)
             if attention_dir is not None:
-                collection.writable_folder(attention_dir, "--attention-dir")
+                writable_folder(attention_dir, "--attention-dir")
             # A folder is listed first (its total drives the progress bar, and shares need it); stdin streams.
             listed = count > 1 or "-" not in paths
             items = list(expand_paths(paths)) if listed else expand_paths(paths)
             found = len(items) if listed else None
             if listed:
-                items = collection.share(items, index, count, batch_size)
+                items = share(items, index, count, batch_size)
                 if found and not items:  # shares are whole batches, so few images leave the last shares empty
                     log.warning("%s: this share is empty: the %d images make %d batches of --batch-size %d",
                                 f"--shard {out.shard}" if out.shard else f"process {index} of {count}",
                                 found, math.ceil(found / batch_size), batch_size)
-            also_done = collection.read_done(out.output, fmt) if ctx.enabled and out.resume and out.output.exists() else None
-            destination = collection.Destination(fmt, out.output, out.resume, sidecars, index, count, also_done)
-            captioner = Captioner.load(model, str(distributed.training_device(ctx, device.value)), precision.value)
+            also_done = read_done(out.output, fmt) if ctx.enabled and out.resume and out.output.exists() else None
+            outputs = Outputs(fmt, out.output, out.resume, sidecars, index, count, also_done)
+            device = str(distributed.training_device(ctx, chosen.device))
+            captioner = Captioner.load(chosen.model, device, chosen.precision, chosen.runtime)
         except CapcliError as e:
             problem = e
         _stop_together(ctx, problem)
     except BaseException:
-        if destination is not None:
-            destination.close(failed=True)  # a result file this run made, still empty, goes again
+        if outputs is not None:
+            outputs.close(failed=True)  # a result file this run made, still empty, goes again
         raise
-    return destination, captioner, items, found
+    return outputs, captioner, items, found
 
 
-def _captioned(captioner, destination, items, found, options, batch_size, workers, max_pixels, attention_dir,
+def _captioned(captioner, outputs, items, found, options, batch_size, workers, max_pixels, attention_dir,
                to_stdout, ctx):
     """Caption this process's images, writing each result as it comes; returns the counts of all processes."""
-    from capcli.infer import collection
+    from capcli.infer.collection import Counts
+    from capcli.infer.result_lines import line_bytes, printable
     from capcli.runtime import distributed
 
-    todo = destination.todo(items)
+    todo = outputs.todo(items)
     reporter = RichReporter() if ctx.is_main and not is_quiet() else Reporter()
     reporter.start("captioning", len(items) if found is not None else None, "images")
-    counts, shown = destination.counts, 0
+    counts, shown = outputs.counts, 0
     names_used: set[str] = set()
     tick = time.perf_counter()
     failed = True
     try:
         for r in captioner.caption_stream(todo, options, batch_size, workers, max_pixels=max_pixels):
-            line = destination.put(r)
+            line = outputs.put(r)
             if not r.ok:
-                sys.stderr.write(f"capcli: {collection.printable(r.path)}: {collection.printable(r.error)}\n")
+                sys.stderr.write(f"capcli: {printable(r.path)}: {printable(r.error)}\n")
             if line is not None and to_stdout:
-                sys.stdout.buffer.write(collection.line_bytes(line))  # bytes: a name that is not UTF-8 as it is
+                sys.stdout.buffer.write(line_bytes(line))  # bytes: a name that is not UTF-8 as it is
                 sys.stdout.buffer.flush()  # a pipe is block-buffered: without this `| head -1` waits for ~170 lines
             if attention_dir is not None and r.ok:
                 _write_attention(attention_dir, r, names_used, max_pixels)
@@ -177,9 +197,9 @@ def _captioned(captioner, destination, items, found, options, batch_size, worker
     finally:
         reporter.update(advance=counts.captioned + counts.skipped - shown)
         reporter.stop()
-        destination.close(failed)
+        outputs.close(failed)
     try:
-        counts = sum(distributed.all_gather_object(ctx, counts), collection.Counts())  # every process's
+        counts = sum(distributed.all_gather_object(ctx, counts), Counts())  # every process's
     except Exception as e:
         if not distributed.is_failure(e):
             raise
@@ -190,11 +210,11 @@ def _captioned(captioner, destination, items, found, options, batch_size, worker
 
 def _finished(ctx, counts, out: CollectionOptions, fmt, count, found, paths) -> None:
     """Merge the parts of several processes, say what was done, and exit 1 if an image failed."""
-    from capcli.infer import collection
+    from capcli.infer.shards import merge_parts, part_path
 
     if ctx.enabled and out.output is not None and ctx.is_main:
-        parts = [collection.part_path(out.output, r, count) for r in range(count)]
-        lines = collection.merge_parts(out.output, parts, fmt)
+        parts = [part_path(out.output, r, count) for r in range(count)]
+        lines = merge_parts(out.output, parts, fmt)
         log.info("merged the results of %d processes into %s (%d lines)", count, out.output, lines)
     if out.sidecar is not None:
         log.info("sidecars: %d written, %d skipped (already there), %d failed", counts.written, counts.skipped, counts.failed)
@@ -244,7 +264,7 @@ def _picture_name(path: str, used: set[str]) -> str:
 def _write_attention(directory: Path, r, names_used: set[str], max_pixels: int) -> None:
     from capcli.data.images import ImageError, load_image
     from capcli.infer import attention_pictures as attention_map
-    from capcli.infer.collection import printable
+    from capcli.infer.result_lines import printable
 
     name = _picture_name(r.path, names_used)
     try:
@@ -264,9 +284,11 @@ def caption(
     paths: PathsArg = None,
     model: ModelOpt = None,
     device: DeviceOpt = Device.auto,
-    precision: PrecisionOpt = Precision.auto,
+    precision: PrecisionOpt = CaptionPrecision.auto,
+    runtime: RuntimeOpt = Runtime.auto,
     max_len: MaxLenOpt = None,
     length_penalty: PenaltyOpt = 1.0,
+    no_repeat_ngram: NoRepeatOpt = None,
     format: FormatOpt = None,
     output: OutputOpt = None,
     resume: ResumeOpt = False,
@@ -288,9 +310,11 @@ def caption(
     """
     from capcli.infer.decode import DecodeOptions
 
-    options = DecodeOptions(beam_size=1, max_len=max_len, length_penalty=length_penalty)
+    options = DecodeOptions(beam_size=1, max_len=max_len, length_penalty=length_penalty,
+                            no_repeat_ngram=no_repeat_ngram)
     out = CollectionOptions(format, output, resume, sidecar, sidecar_dir, overwrite, shard)
-    _caption_command(paths, model, device, precision, batch_size, options, attention_dir, workers, max_image_pixels, out)
+    chosen = ModelChoice(model, device.value, precision.value, runtime.value)
+    _caption_command(paths, chosen, batch_size, options, attention_dir, workers, max_image_pixels, out)
 
 
 @app.command()
@@ -299,11 +323,13 @@ def beam(
     paths: PathsArg = None,
     model: ModelOpt = None,
     device: DeviceOpt = Device.auto,
-    precision: PrecisionOpt = Precision.auto,
+    precision: PrecisionOpt = CaptionPrecision.auto,
+    runtime: RuntimeOpt = Runtime.auto,
     beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="Beams per image.", min=1, rich_help_panel=DECODING)] = 3,
     nbest: Annotated[int, typer.Option(help="Captions per image to report (jsonl 'alternatives').", min=1, rich_help_panel=DECODING)] = 1,
     max_len: MaxLenOpt = None,
     length_penalty: PenaltyOpt = 1.0,
+    no_repeat_ngram: NoRepeatOpt = None,
     format: FormatOpt = None,
     output: OutputOpt = None,
     resume: ResumeOpt = False,
@@ -328,9 +354,11 @@ def beam(
         raise CapcliError(f"--nbest {nbest} is larger than --beam-size {beam_size}")
     from capcli.infer.decode import DecodeOptions
 
-    options = DecodeOptions(beam_size=beam_size, nbest=nbest, max_len=max_len, length_penalty=length_penalty)
+    options = DecodeOptions(beam_size=beam_size, nbest=nbest, max_len=max_len, length_penalty=length_penalty,
+                            no_repeat_ngram=no_repeat_ngram)
     out = CollectionOptions(format, output, resume, sidecar, sidecar_dir, overwrite, shard)
-    _caption_command(paths, model, device, precision, batch_size, options, attention_dir, workers, max_image_pixels, out)
+    chosen = ModelChoice(model, device.value, precision.value, runtime.value)
+    _caption_command(paths, chosen, batch_size, options, attention_dir, workers, max_image_pixels, out)
 
 
 

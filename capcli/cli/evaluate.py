@@ -23,9 +23,12 @@ from capcli.cli.options import (
     MaxLenOpt,
     MaxPixelsOpt,
     ModelOpt,
+    NoRepeatOpt,
     PenaltyOpt,
-    Precision,
+    CaptionPrecision,
     PrecisionOpt,
+    Runtime,
+    RuntimeOpt,
     SplitName,
 )
 from capcli.data.images import MAX_IMAGE_PIXELS
@@ -43,10 +46,12 @@ def evaluate(
     limit: Annotated[Optional[int], typer.Option(help="Score only the first N images of the split.", min=1, rich_help_panel=DATA)] = None,
     model: ModelOpt = None,
     device: DeviceOpt = Device.auto,
-    precision: PrecisionOpt = Precision.auto,
+    precision: PrecisionOpt = CaptionPrecision.auto,
+    runtime: RuntimeOpt = Runtime.auto,
     beam_size: Annotated[int, typer.Option("--beam-size", "-k", help="1: greedy; more: beam search.", min=1, rich_help_panel=DECODING)] = 1,
     max_len: MaxLenOpt = None,
     length_penalty: PenaltyOpt = 1.0,
+    no_repeat_ngram: NoRepeatOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object.", rich_help_panel=OUTPUT)] = False,
     save: Annotated[Optional[Path], typer.Option("--save", help="Write the captions here (JSONL, with references).", rich_help_panel=OUTPUT)] = None,
     batch_size: BatchOpt = 32,
@@ -59,12 +64,13 @@ def evaluate(
     """
     from capcli.data.datasets import load_dataset, split_mismatch
     from capcli.data.splits import parse_split_ratios
+    from capcli.files import atomic_write_bytes
     from capcli.infer.captioner import Captioner, model_path
     from capcli.infer.decode import DecodeOptions
     from capcli.infer.evaluate import evaluate_model
 
     split_name = split_name.value
-    captioner = Captioner.load(model, device.value, precision.value)
+    captioner = Captioner.load(model, device.value, precision.value, runtime.value)
     # The hash split must be the one the model was trained with, or test images may have been trained on.
     ratios = split_ratios or captioner.training.get("split")
     ratios = parse_split_ratios(ratios) if ratios else None
@@ -84,7 +90,7 @@ def evaluate(
     reporter = RichReporter()
     reporter.start(f"captioning {split_name}", len(chosen), unit="images")
     try:
-        options = DecodeOptions(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+        options = DecodeOptions(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
         scores, notes, results = evaluate_model(captioner, chosen, options, batch_size, max_pixels=max_image_pixels,
                                                 on_result=lambda r: reporter.update(1))
     except ValueError as e:
@@ -97,8 +103,6 @@ def evaluate(
         refs = {str(s.image_path): list(s.captions) for s in chosen}
         lines = [json.dumps({"path": r.path, "caption": r.caption, "references": refs[r.path]} if r.ok
                             else {"path": r.path, "error": r.error}, ensure_ascii=False) for r in results]
-        from capcli.files import atomic_write_bytes
-
         atomic_write_bytes(save, ("\n".join(lines) + "\n").encode())
     summary = {"split": split_name, "images": len(chosen), "beam_size": beam_size, **scores}
     if as_json:

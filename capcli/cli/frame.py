@@ -99,7 +99,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="capcli",
-    help="Show, Attend and Tell image captioning: build-vocab, train, caption, beam, evaluate.",
+    help="Show, Attend and Tell image captioning: build-vocab, train, caption, beam, evaluate; quantize and export for serving.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

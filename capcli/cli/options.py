@@ -24,6 +24,9 @@ def _choice(name: str, values: tuple[str, ...]) -> type[Enum]:
 Format = _choice("Format", choices.FORMATS)
 Device = _choice("Device", choices.DEVICES)
 Precision = _choice("Precision", choices.PRECISIONS)
+CaptionPrecision = _choice("CaptionPrecision", choices.CAPTION_PRECISIONS)
+Runtime = _choice("Runtime", choices.RUNTIMES)
+ExportFormat = _choice("ExportFormat", choices.EXPORT_FORMATS)
 Tokenizer = _choice("Tokenizer", TOKENIZERS)
 Attention = _choice("Attention", choices.ATTENTIONS)
 Rnn = _choice("Rnn", choices.RNNS)
@@ -52,9 +55,11 @@ MinFreqOpt = Annotated[Optional[int], typer.Option(help="Keep tokens seen this o
 PathsArg = Annotated[Optional[List[str]], typer.Argument(help="Image files, folders (searched recursively), URLs, or - for paths on stdin.", show_default=False, rich_help_panel=INPUT)]
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model file (.safetensors), or a shipped model: default (photo captions) or smiles (molecules). Default: $CAPCLI_MODEL, else the photo model.", show_default=False, rich_help_panel=MODEL)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run; auto: cuda when available.", rich_help_panel=MODEL)]
-PrecisionOpt = Annotated[Precision, typer.Option(help="Encoder precision; auto: bf16 on GPUs and AMX CPUs, else fp32.", rich_help_panel=MODEL)]
+PrecisionOpt = Annotated[CaptionPrecision, typer.Option(help="Encoder precision; auto: bf16 on GPUs, int8 on CPUs with VNNI or AMX when the encoder has an int8 version, else fp32.", rich_help_panel=MODEL)]
+RuntimeOpt = Annotated[Runtime, typer.Option(help="What runs the encoder; auto: OpenVINO on the CPU when installed, else PyTorch.", rich_help_panel=MODEL)]
 MaxLenOpt = Annotated[Optional[int], typer.Option(help="Longest output, in tokens (default: 30 words, 150 characters, 100 SMILES tokens).", min=1, show_default=False, rich_help_panel=DECODING)]
 PenaltyOpt = Annotated[float, typer.Option(help="Rank by log-prob / length ** PENALTY.", rich_help_panel=DECODING)]
+NoRepeatOpt = Annotated[Optional[int], typer.Option("--no-repeat-ngram", help="Never repeat an N-token sequence in a caption; 0: off. Default: 3 for word models, off for character and SMILES models.", min=0, show_default=False, rich_help_panel=DECODING)]
 FormatOpt = Annotated[Optional[Format], typer.Option("--format", "-f", help="text: captions; tsv: path<TAB>caption; jsonl: all details. Default: from -o's extension (.tsv, .jsonl), else text.", show_default=False, rich_help_panel=OUTPUT)]
 AttnDirOpt = Annotated[Optional[Path], typer.Option(help="Write an attention picture (PNG) per image here.", rich_help_panel=OUTPUT)]
 OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results to this file instead of stdout, flushed as they come. An existing file is refused unless --resume.", show_default=False, rich_help_panel=OUTPUT)]

@@ -77,7 +77,8 @@ def train(
     grad_clip: Annotated[float, typer.Option(help="Clip gradients to this norm (0: off).", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.grad_clip,
     attention_reg: Annotated[float, typer.Option(help="Lambda of the doubly stochastic attention penalty.", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.attention_reg,
     label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the word loss.", min=0.0, max=0.99, rich_help_panel=OPTIM)] = _DEFAULT.label_smoothing,
-    fine_tune_encoder: Annotated[bool, typer.Option("--fine-tune-encoder", help="Train the encoder's top blocks too (no feature cache).", rich_help_panel=OPTIM)] = _DEFAULT.fine_tune_encoder,
+    fine_tune_blocks: Annotated[int, typer.Option(help="Also train the encoder's top N blocks (0: frozen); the frozen part below them is cached.", rich_help_panel=OPTIM)] = _DEFAULT.fine_tune_blocks,
+    fine_tune_encoder: Annotated[bool, typer.Option("--fine-tune-encoder", help="Deprecated: as --fine-tune-blocks 3 (ResNets: 1), slower: the whole encoder runs at every step, no cache.", rich_help_panel=OPTIM)] = _DEFAULT.fine_tune_encoder,
     encoder_lr: Annotated[float, typer.Option(help="Learning rate of the fine-tuned encoder blocks.", min=0.0, rich_help_panel=OPTIM)] = _DEFAULT.encoder_lr,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val score (BLEU-4; CIDEr with --scst-after; edit similarity for char/SMILES).", min=1, rich_help_panel=OPTIM)] = _DEFAULT.patience,
     lr_patience: Annotated[int, typer.Option(help="Halve the learning rate after every this many of them (0: never).", min=0, rich_help_panel=OPTIM)] = _DEFAULT.lr_patience,
@@ -101,10 +102,9 @@ def train(
     With --resume only --epochs, --patience, --device, --precision, --workers, --save-every
     and --max-bad-fraction may be given: the run keeps its other settings.
     """
-    from capcli.train import loop as training
+    from capcli.train import launch as training
 
-    settings = {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
-                for k, v in ctx.params.items() if k in _TRAIN_FIELDS}
+    settings = _settings(ctx)
     reporter = RichReporter()
     if resume is not None:
         given = _given_options(ctx)
@@ -113,12 +113,7 @@ def train(
         summary = _run_training(lambda: training.resume(resume, {k: settings[k] for k in given if k in settings}, reporter))
         run_dir = resume
     else:
-        if output is None:
-            raise CapcliError("give the run folder: -o RUN_DIR (or --resume RUN_DIR)")
-        if (output / "last.safetensors").exists():
-            raise CapcliError(f"{output}: already holds a run; continue it with --resume {output}, or choose another -o")
-        cfg = TrainConfig(**settings)
-        cfg.validate()  # before any data is read or file written
+        cfg = _new_run_config(output, settings)
         given = _given_options(ctx) & _TRAIN_FIELDS
         summary = _run_training(lambda: training.train(cfg, reporter, given))
         run_dir = output
@@ -135,6 +130,24 @@ def train(
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
+def _settings(ctx: typer.Context) -> dict:
+    """The command's TrainConfig fields, given or default, as config.json holds them (choices as
+    their names, paths as text)."""
+    return {k: v.value if isinstance(v, Enum) else str(v) if isinstance(v, Path) else v
+            for k, v in ctx.params.items() if k in _TRAIN_FIELDS}
+
+
+def _new_run_config(output: Path | None, settings: dict) -> TrainConfig:
+    """The TrainConfig of a new run in ``output``, checked before any data is read or file written."""
+    if output is None:
+        raise CapcliError("give the run folder: -o RUN_DIR (or --resume RUN_DIR)")
+    if (output / "last.safetensors").exists():
+        raise CapcliError(f"{output}: already holds a run; continue it with --resume {output}, or choose another -o")
+    cfg = TrainConfig(**settings)
+    cfg.validate()  # before any data is read or file written
+    return cfg
+
+
 def _given_options(ctx: typer.Context) -> set[str]:
     """The options of the running command that were given on the command line (not defaults)."""
     sources = {name: ctx.get_parameter_source(name) for name in ctx.params}
@@ -142,7 +155,7 @@ def _given_options(ctx: typer.Context) -> set[str]:
 
 
 def _run_training(fn):
-    from capcli.train.loop import TrainingInterrupted
+    from capcli.train.interrupted import TrainingInterrupted
 
     try:
         return fn()

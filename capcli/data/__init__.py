@@ -1,1 +1,2 @@
-"""Datasets on disk (layouts, caption tables, splits) and images (decoding, URLs, batches)."""
+"""Datasets on disk (datasets.py: layouts; tables.py: caption tables; splits.py: splits) and images
+(images.py: decoding and batches; urls.py: downloading URLs; listing.py: which images a run is given)."""

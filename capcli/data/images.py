@@ -1,29 +1,22 @@
 """Image files and URLs -> upright RGB pictures -> pixels, and threaded batch loading in input order.
 
 Loader threads only decode and resize with Pillow; normalising happens per batch in the caller
-(``normalize_pixels``), see ``image_batches`` for why.
+(``normalize_pixels``), see ``image_batches`` for why. Downloads are data.urls's work, which files
+and folders a run is given data.listing's.
 """
 
 from __future__ import annotations
 
 import io
-import itertools
-import logging
 import os
-import re
-import socket
 import stat
 import struct
 import threading
-import time
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from capcli.errors import CapcliError
-from capcli.version import __version__
-
-log = logging.getLogger("capcli")
+from capcli.data.urls import DownloadError, fetch_url, is_url
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -35,19 +28,13 @@ MAX_IMAGE_PIXELS = 178_956_970
 # their mode is converted: each conversion is a full-size copy (a 13000x13000 RGBA PNG took 2.1 GB, now 0.7).
 SHRINK_ABOVE_PIXELS = 4096 * 4096
 
+# An image given as a URL: the limits load_image passes to fetch_url.
 URL_TIMEOUT = 30.0  # seconds for a whole download
 URL_MAX_BYTES = 50 * 1024 * 1024
-STDIN_LINE_LIMIT = 16 * 1024  # bytes of one path on stdin (PATH_MAX is 4096 on Linux; URLs may be longer)
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")  # two letters at least: C:// is a Windows drive
 
 
 class ImageError(Exception):
     """One image could not be used; the message says why (shown as ``capcli: PATH: reason``)."""
-
-
-def is_url(item) -> bool:
-    """A string that starts with a scheme (https://...); Path objects are always files."""
-    return isinstance(item, str) and _URL.match(item) is not None
 
 
 def load_image(source: str | Path, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -66,7 +53,10 @@ def load_image(source: str | Path, draft_size: int | None = None, max_pixels: in
 
     fp = None
     try:
-        fp = io.BytesIO(fetch_url(source)) if is_url(source) else _open_regular_file(source)
+        if is_url(source):
+            fp = io.BytesIO(fetch_url(source, timeout=URL_TIMEOUT, max_bytes=URL_MAX_BYTES))
+        else:
+            fp = _open_regular_file(source)
         with _open(fp) as img:
             if max_pixels and img.width * img.height > max_pixels:
                 raise ImageError(f"image too large ({img.width}x{img.height} pixels, more than the limit of "
@@ -77,6 +67,8 @@ def load_image(source: str | Path, draft_size: int | None = None, max_pixels: in
             return to_rgb(_shrink(img, draft_size) if draft_size else img)
     except ImageError:
         raise
+    except DownloadError as e:
+        raise ImageError(str(e)) from None
     except FileNotFoundError:
         raise ImageError("no such file") from None
     except IsADirectoryError:
@@ -188,120 +180,6 @@ def _open_unchecked(fp: io.BufferedIOBase):
     raise UnidentifiedImageError(f"cannot identify image file {fp!r}")
 
 
-def fetch_url(url: str) -> bytes:
-    """Download an http(s) URL into memory: at most URL_MAX_BYTES, within URL_TIMEOUT seconds in all."""
-    import http.client
-    import urllib.error
-    import urllib.request
-
-    scheme = url.split("://", 1)[0].lower()
-    if scheme not in ("http", "https"):
-        raise ImageError(f"unsupported URL scheme {scheme}:// (http and https only)")
-    too_large = ImageError(f"larger than {URL_MAX_BYTES / 2**20:g} MB")
-    timed_out = ImageError(f"timed out after {URL_TIMEOUT:g} s")
-    request = urllib.request.Request(url, headers={"User-Agent": f"capcli/{__version__}"})
-    deadline = _Deadline(URL_TIMEOUT)
-    try:
-        with _opener(deadline).open(request, timeout=URL_TIMEOUT) as response:
-            length = response.headers.get("Content-Length", "")
-            if length.isdigit() and int(length) > URL_MAX_BYTES:
-                raise too_large
-            chunks, total = [], 0
-            while chunk := response.read1(1 << 16):  # what has come, not a wait for 64 KB of it
-                total += len(chunk)
-                if total > URL_MAX_BYTES:
-                    raise too_large
-                chunks.append(chunk)
-        if deadline.expired:  # the connection was shut mid-way: what came is not the whole
-            raise timed_out
-    except ImageError:
-        raise
-    except Exception as e:
-        if deadline.expired or isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
-            raise timed_out from None
-        if isinstance(e, urllib.error.HTTPError):
-            raise ImageError(f"HTTP {e.code} {e.reason}") from None
-        if isinstance(e, urllib.error.URLError):  # refused, unknown host, TLS: no response at all
-            reason = getattr(e.reason, "strerror", None) or str(e.reason)
-            raise ImageError(f"cannot connect: {reason[:1].lower() + reason[1:]}") from None
-        if isinstance(e, (http.client.InvalidURL, ValueError)):  # spaces, a bad port
-            raise ImageError(f"invalid URL ({e})") from None
-        if isinstance(e, (http.client.HTTPException, OSError)):  # cut off mid-way
-            raise ImageError(f"download failed ({e.__class__.__name__}: {e})") from None
-        raise
-    finally:
-        deadline.close()
-    if not chunks:
-        raise ImageError("empty response")
-    return b"".join(chunks)
-
-
-class _Deadline:
-    """Ends one download at a fixed time, whatever it is waiting for: the connection, TLS, headers,
-    or a body that comes a byte at a time (a socket timeout bounds each read, never their sum). At
-    the deadline every socket of the download is shut down, so its blocked read returns at once."""
-
-    def __init__(self, seconds: float):
-        self.end = time.monotonic() + seconds
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(seconds, self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def connect(self, address, timeout=None, source_address=None) -> socket.socket:
-        """socket.create_connection for http.client, with the connection watched."""
-        sock = socket.create_connection(address, max(self.end - time.monotonic(), 0.001), source_address)
-        with self._lock:
-            # TLS takes this socket's descriptor over; a duplicate shuts the same connection down.
-            self._sockets.append(sock.dup())
-            if self.expired:
-                self._sockets[-1].shutdown(socket.SHUT_RDWR)
-        return sock
-
-    def connection(self, kind):
-        """An http.client connection class (HTTPConnection, HTTPSConnection) whose sockets this watches."""
-        def make(*args, **kwargs):
-            conn = kind(*args, **kwargs)
-            conn._create_connection = self.connect  # http.client's hook for making its socket
-            return conn
-        return make
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:  # already closed by the other end
-                    pass
-
-    def close(self) -> None:
-        self._timer.cancel()
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
-            self._sockets.clear()
-
-
-def _opener(deadline: _Deadline):
-    """urllib's opener (proxies and redirects as urlopen's) with its connections watched by ``deadline``."""
-    import http.client
-    import urllib.request
-
-    class HTTPHandler(urllib.request.HTTPHandler):
-        def http_open(self, req):
-            return self.do_open(deadline.connection(http.client.HTTPConnection), req)
-
-    class HTTPSHandler(urllib.request.HTTPSHandler):
-        def https_open(self, req):  # http.client's default context: certificates and host names checked
-            return self.do_open(deadline.connection(http.client.HTTPSConnection), req)
-
-    handlers = [HTTPHandler] + ([HTTPSHandler] if hasattr(http.client, "HTTPSConnection") else [])
-    return urllib.request.build_opener(*handlers)
-
-
 # Signatures of the common image formats: a file that starts like one but that Pillow cannot
 # identify is a damaged image (cut off within its header), not some other kind of file.
 _MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
@@ -394,85 +272,6 @@ def model_input(pixels: Sequence, device, mean: Sequence[float], std: Sequence[f
 def image_to_tensor(img, size: int, mean: Sequence[float], std: Sequence[float]):
     """RGB PIL image -> normalised (3, size, size) float tensor."""
     return normalize_pixels(image_to_pixels(img, size)[None], mean, std)[0]  # (3, S, S)
-
-
-def expand_paths(inputs: Iterable[str]) -> Iterator[Path | str]:
-    """Yield image paths from files, directories (recursively, sorted) and '-' (paths on stdin);
-    URLs (https://...) are yielded as they are, strings.
-
-    Explicit files are yielded whatever their suffix (they may fail to load later, and are then
-    reported), as Paths; inside directories only files with image suffixes are taken, as strings
-    (see walk_images). Symbolic links are followed, each real directory visited once, so a link
-    loop ends.
-    """
-    for item in inputs:
-        if item == "-":
-            for line in stdin_lines():
-                yield from expand_paths([line])
-            continue
-        if is_url(item):
-            yield item  # never Path(item): that turns https://host into https:/host
-            continue
-        path = Path(item)
-        if path.is_dir():
-            yield from walk_images(path)
-        else:
-            yield path
-
-
-def stdin_lines() -> Iterator[str]:
-    """The non-empty lines of stdin as file names, read as bytes: split at newlines only (a name
-    may hold a carriage return or a U+2028; a CRLF list's last \\r is dropped), bytes that are not
-    UTF-8 kept as os.fsdecode keeps them, and no line longer than STDIN_LINE_LIMIT read into memory
-    (``- < /dev/zero`` is refused at once)."""
-    import sys
-
-    for number in itertools.count(1):
-        line = sys.stdin.buffer.readline(STDIN_LINE_LIMIT + 1)  # + 1: room for the newline
-        if not line:
-            return
-        if len(line) > STDIN_LINE_LIMIT and not line.endswith(b"\n"):
-            raise CapcliError(f"stdin line {number}: longer than {STDIN_LINE_LIMIT} bytes: not a file name or URL "
-                              f"(give one per line)")
-        line = line[:-1] if line.endswith(b"\n") else line
-        line = line[:-1] if line.endswith(b"\r") else line
-        if line:
-            yield os.fsdecode(line)
-
-
-def walk_images(root: Path) -> Iterator[str]:
-    """The image files under ``root`` as path strings, in the order ``sorted()`` of their Paths
-    would give, found as the walk goes: a folder's entries sorted by name, a subfolder's files
-    where its name sorts. Nothing is held but the folders on the way down, so listing a folder of
-    10^6 files into a list costs the strings and no more."""
-    visited: set[str] = set()
-
-    def walk(directory: str) -> Iterator[str]:
-        real = os.path.realpath(directory)
-        if real in visited:  # a symbolic link back up the tree
-            return
-        visited.add(real)
-        try:
-            with os.scandir(directory) as it:
-                entries = sorted((e.name, _is_dir(e)) for e in it)
-        except OSError as e:
-            log.warning("%s: cannot list (%s); skipped", directory, e.strerror or e)
-            return
-        for name, is_dir in entries:
-            path = os.path.join(directory, name)
-            if is_dir:
-                yield from walk(path)
-            elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                yield path
-
-    yield from walk(str(root))
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:  # a symbolic link that loops: a file that will fail to load, and say why
-        return False
 
 
 def image_batches(

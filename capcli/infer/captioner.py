@@ -20,59 +20,13 @@ import torch
 
 from capcli.model import files as model_files
 from capcli.metrics.chemistry import rdkit_available, valid_first
-from capcli.runtime.devices import autocast, encoder_batch, resolve_device, resolve_precision
+from capcli.runtime.devices import resolve_device
+from capcli.infer.encoding import TorchEncoder, choose_encoder
 from capcli.errors import CapcliError
 from capcli.data.images import MAX_IMAGE_PIXELS, ImageError, image_batches, model_input
 from capcli.infer.decode import DecodeOptions, Hypothesis, decode
-from capcli.text.tokenizers import DEFAULT_DECODE_LEN
-
-DEFAULT_MODEL_NAME = "capcli-lite0-flickr8k-mini.safetensors"
-# Short names of the shipped models, for --model NAME.
-SHIPPED_MODELS = {
-    "default": DEFAULT_MODEL_NAME,
-    "captions": DEFAULT_MODEL_NAME,
-    "smiles": "capcli-lite0-smiles.safetensors",
-}
-
-
-def _shipped(file_name: str) -> Path:
-    candidates = [
-        Path(__file__).resolve().parents[2] / "weights" / file_name,  # source checkout / editable install
-        Path(sys.prefix) / "share" / "capcli" / "weights" / file_name,  # regular install
-    ]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise CapcliError(
-        f"shipped model {file_name} not found ({candidates[0]} is missing); pass --model FILE, "
-        f"or train one with: capcli train --data DIR -o RUN_DIR"
-    )
-
-
-def default_model_path() -> Path:
-    """$CAPCLI_MODEL (a file or a shipped model's short name), else the shipped photo model in the
-    repository's weights/ (or the installed copy)."""
-    if env := os.environ.get("CAPCLI_MODEL"):
-        return _named_or_path(env)
-    return _shipped(DEFAULT_MODEL_NAME)
-
-
-def model_path(model: str | Path | None) -> Path:
-    """A --model value -> a file: None is the default model ($CAPCLI_MODEL, else the shipped photo
-    model), a shipped model's short name (default, captions, smiles) is that model, anything else
-    is a path. A file of that name in the working folder wins over a short name."""
-    if model is None:
-        return default_model_path()
-    if model == "default" and not Path(model).exists():
-        return default_model_path()  # follows $CAPCLI_MODEL too; "captions" is always the photo model
-    return _named_or_path(model)
-
-
-def _named_or_path(model: str | Path) -> Path:
-    if isinstance(model, str) and model in SHIPPED_MODELS and not Path(model).exists():
-        return _shipped(SHIPPED_MODELS[model])
-    return Path(model)
-
+from capcli.text.tokenizers import DEFAULT_DECODE_LEN, DEFAULT_NO_REPEAT_NGRAM
+from capcli.infer.shipped import DEFAULT_MODEL_NAME, SHIPPED_MODELS, default_model_path, model_path  # noqa: F401 (the API)
 
 @dataclass
 class CaptionResult:
@@ -91,22 +45,29 @@ class CaptionResult:
 
 
 class Captioner:
-    def __init__(self, loaded: model_files.LoadedModel, device: torch.device, precision: str = "fp32"):
-        self.loaded, self.precision = loaded, precision  # the encoder's; the search runs in fp32
+    def __init__(self, loaded: model_files.LoadedModel, device: torch.device, precision: str = "fp32", encoder=None):
+        self.loaded = loaded
         self.model, self.vocab, self.metadata = loaded.model, loaded.vocab, loaded.metadata
         self.device = device
         self.cfg = self.model.cfg
+        # images -> features; the search after it runs on PyTorch in fp32
+        self.encoder = encoder or TorchEncoder(self.model, device, precision)
+        self.precision = self.encoder.precision
         self._grid: tuple[int, int] | None = None
 
     @classmethod
-    def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto") -> "Captioner":
+    def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
+             runtime: str = "auto") -> "Captioner":
         """``path``: a model file, a shipped model's short name (default, captions, smiles), or None
-        for the default model. ``precision`` of the encoder: auto (bf16 on GPUs that have it and on CPUs with AMX, fp16 on
-        older GPUs, else fp32), fp32, bf16, or fp16 on a GPU. The search always runs in fp32."""
+        for the default model. ``precision`` of the encoder: auto, fp32, bf16, fp16 (GPU) or int8
+        (CPU); ``runtime``: auto (OpenVINO on the CPU when installed), torch or openvino; see
+        infer.encoding.choose_encoder. The search always runs in fp32."""
         dev = resolve_device(device)
-        resolved = resolve_precision(precision, dev)
-        loaded = model_files.load_model(model_path(path), dev)
-        return cls(loaded, dev, resolved)
+        file = model_path(path)
+        loaded = model_files.load_model(file, dev)
+        encoder = choose_encoder(loaded.model, loaded.vocab.tokenizer, dev, precision, runtime,
+                                 model_name=str(path) if path is not None else "default")
+        return cls(loaded, dev, encoder=encoder)
 
     @property
     def training(self) -> dict:
@@ -115,21 +76,16 @@ class Captioner:
 
     @property
     def grid(self) -> tuple[int, int]:
+        """(h, w) of the attention grid."""
         if self._grid is None:
-            self._grid = self.model.grid_shape()
+            size = self.cfg.image_size
+            self._grid = self.model.grid_shape(self.encode(torch.zeros(1, 3, size, size)).size(1))
         return self._grid
 
     # ------------------------------------------------------------------ core
-    @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, L, D), in chunks of the size the encoder runs fastest at."""
-        chunk = encoder_batch(self.device, self.precision)
-        out = []
-        for k in range(0, images.size(0), chunk):
-            x = images[k:k + chunk].to(self.device, non_blocking=True)  # (c, 3, S, S)
-            with autocast(self.device, self.precision):
-                out.append(self.model.encoder(x).float())  # (c, L, D)
-        return torch.cat(out)  # (N, L, D)
+        """(N, 3, S, S) -> (N, L, D) features."""
+        return self.encoder(images)
 
     @torch.inference_mode()
     def decode(self, features: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
@@ -137,6 +93,8 @@ class Captioner:
         model with RDKit installed, a beam's valid molecules rank before strings RDKit cannot read."""
         if options.max_len is None:
             options = replace(options, max_len=DEFAULT_DECODE_LEN[self.vocab.tokenizer])
+        if options.no_repeat_ngram is None:
+            options = replace(options, no_repeat_ngram=DEFAULT_NO_REPEAT_NGRAM[self.vocab.tokenizer])
         if self.vocab.tokenizer != "smiles" or options.beam_size == 1 or not rdkit_available():
             return decode(self.model.decoder, features, options)
         beams = decode(self.model.decoder, features, replace(options, nbest=options.beam_size))
@@ -144,7 +102,9 @@ class Captioner:
         return [hyps[:options.nbest] for hyps in ranked]
 
     def _result(self, path: str | None, hyps: list[Hypothesis]) -> CaptionResult:
-        h, w = self.grid
+        if self._grid is None:  # from the features' L: no encoder run just for the shape
+            self._grid = self.model.grid_shape(hyps[0].alphas.size(1))
+        h, w = self._grid
         results = [
             CaptionResult(
                 path=path, caption=self.vocab.decode(hyp.tokens), tokens=self.vocab.decode_ids(hyp.tokens),
@@ -193,7 +153,8 @@ class Captioner:
         one CaptionResult; an iterable of them gives a list, in order. Unreadable images (files,
         URLs or PIL images) give results with ``error`` set; the others are captioned.
 
-        ``decode_options`` (beam_size=3, nbest=..., max_len=..., length_penalty=...) change ``options``.
+        ``decode_options`` (beam_size=3, nbest=..., max_len=..., length_penalty=...,
+        no_repeat_ngram=...) change ``options``.
         """
         options = replace(options or DecodeOptions(), **decode_options)
         single = _is_image(images)

@@ -1,9 +1,14 @@
 """Greedy and batched beam search, both driving ``Decoder.step``.
 
-Neither ever emits <pad>, <start> or <unk>: their log-probabilities are set to -inf before a
-word is chosen. A caption that reaches ``max_len`` words without <end> is returned as it stands.
+Neither ever emits <pad>, <start> or <unk>: they are left out of the softmax
+(``caption_log_probs``, the policy self-critical training samples from too). A caption that
+reaches ``max_len`` words without <end> is returned as it stands.
 Scores are length-normalised: score = sum of log-probabilities / length ** length_penalty, where
 length counts the words plus the closing <end>.
+
+With ``no_repeat_ngram`` n > 0, a word that would complete an n-gram already in its caption is
+blocked (log-probability -inf), as Hugging Face's ``no_repeat_ngram_size`` does: it stops greedy
+loops like "... and a blue shirt and a blue shirt ...". <end> is never blocked.
 """
 
 from __future__ import annotations
@@ -26,10 +31,13 @@ class DecodeOptions:
     nbest: int = 1  # hypotheses to return per image, best first (<= beam_size)
     max_len: int | None = None  # longest output, in tokens; None: the tokenizer's default (30 words, 100 SMILES tokens...)
     length_penalty: float = 1.0  # score = log-probability / length ** length_penalty
+    no_repeat_ngram: int | None = None  # never repeat an n-gram of this many tokens; 0: off; None: the tokenizer's default
 
     def __post_init__(self) -> None:
         if self.beam_size < 1 or (self.max_len is not None and self.max_len < 1):
             raise ValueError("beam_size and max_len must be at least 1")
+        if self.no_repeat_ngram is not None and self.no_repeat_ngram < 0:
+            raise ValueError(f"no_repeat_ngram {self.no_repeat_ngram} must be 0 (off) or more")
         if not 1 <= self.nbest <= self.beam_size:
             raise ValueError(f"nbest {self.nbest} must be between 1 and beam_size {self.beam_size}")
 
@@ -47,29 +55,54 @@ def _normalise(logprob: float, length: int, length_penalty: float) -> float:
     return logprob / max(length, 1) ** length_penalty
 
 
-def _log_probs(logits: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-    logp[:, BANNED] = float("-inf")
-    return logp
+def caption_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """The one banned-token policy, for search and self-critical sampling alike: log-softmax over
+    the tokens a caption may hold (never <pad>, <start> or <unk>), renormalised over them.
+    logits (N, V) -> (N, V)."""
+    banned = torch.tensor(BANNED, device=logits.device)
+    return torch.log_softmax(logits.float().index_fill(-1, banned, float("-inf")), dim=-1)  # (N, V)
+
+
+def block_repeats(log_probs: torch.Tensor, history: torch.Tensor, n: int) -> torch.Tensor:
+    """``log_probs`` with every token that would complete an n-gram already in its row's
+    ``history`` set to -inf (n < 1: unchanged). log_probs (R, V), history (R, t) -> (R, V).
+
+    Histories hold words only, never <end>, so <end> is never blocked: a row whose every word is
+    blocked can still end.
+    """
+    t = history.size(1)
+    if n < 1 or t < n:
+        return log_probs
+    grams = history.unfold(1, n, 1)  # (R, t-n+1, n): every n-gram so far
+    tail = history[:, t - n + 1:]  # (R, n-1): the words the next one would make an n-gram with
+    seen = (grams[..., :-1] == tail.unsqueeze(1)).all(dim=2)  # (R, t-n+1): n-grams that start like that
+    # Counted rather than set: a word may close several such n-grams, and a scatter of booleans
+    # with repeated indices keeps an arbitrary one of them.
+    hits = torch.zeros_like(log_probs).scatter_add_(1, grams[..., -1], seen.to(log_probs.dtype))  # (R, V)
+    return log_probs.masked_fill(hits > 0, float("-inf"))  # (R, V)
 
 
 @torch.no_grad()
-def greedy(decoder: Decoder, features: torch.Tensor, max_len: int = 30, length_penalty: float = 1.0) -> list[Hypothesis]:
-    """The most likely word at every step. features (B, L, D) -> one Hypothesis per image."""
+def greedy(decoder: Decoder, features: torch.Tensor, max_len: int = 30, length_penalty: float = 1.0,
+           no_repeat_ngram: int = 0) -> list[Hypothesis]:
+    """The most likely word at every step (never one that repeats a ``no_repeat_ngram``-gram).
+    features (B, L, D) -> one Hypothesis per image."""
     B = features.size(0)
     state = decoder.init_state(features)
     words = torch.full((B,), START, dtype=torch.long, device=features.device)  # (n,)
     rows = torch.arange(B, device=features.device)  # (n,) image index of each running row
     total = torch.zeros(B, device=features.device)  # (n,) float32 running log-probability
+    history = torch.zeros(B, 0, dtype=torch.long, device=features.device)  # (n, t) words so far, for the guard
     trace = []  # per step: (rows, words, alphas, totals)
     for _ in range(max_len):
         logits, state, alpha = decoder.step(state, words)  # (n, V), state, (n, L)
-        lp, words = _log_probs(logits).max(dim=1)  # (n,), (n,)
+        lp, words = block_repeats(caption_log_probs(logits), history, no_repeat_ngram).max(dim=1)  # (n,), (n,)
         total = total + lp  # (n,)
         trace.append((rows, words, alpha, total))
+        history = torch.cat([history, words.unsqueeze(1)], dim=1)  # (n, t+1)
         running = words != END  # (n,)
         if not running.all():
-            rows, words, total = rows[running], words[running], total[running]
+            rows, words, total, history = rows[running], words[running], total[running], history[running]
             state = state.select(running)
             if rows.numel() == 0:
                 break
@@ -104,12 +137,14 @@ def beam_search(
     max_len: int = 30,
     length_penalty: float = 1.0,
     nbest: int = 1,
+    no_repeat_ngram: int = 0,
 ) -> list[list[Hypothesis]]:
     """Beam search over B images at once: B x K beams decode as one (B*K)-row batch.
 
     Each image stops when K of its hypotheses have ended (then it leaves the batch), or at
     ``max_len`` (its live beams are then returned as they stand). Returns, per image, the
-    ``nbest`` best hypotheses by length-normalised score.
+    ``nbest`` best hypotheses by length-normalised score. No beam ever repeats a
+    ``no_repeat_ngram``-gram (0: off).
     """
     K = beam_size
     if K < 1 or not 1 <= nbest <= K:
@@ -128,7 +163,8 @@ def beam_search(
     for t in range(max_len):
         logits, state, alpha = decoder.step(state, words)  # (n*K, V), state, (n*K, L)
         n, V = len(images), logits.size(1)
-        candidates = (scores.view(n * K, 1) + _log_probs(logits)).view(n, K * V)  # (n, K*V)
+        log_probs = block_repeats(caption_log_probs(logits), history, no_repeat_ngram)  # (n*K, V)
+        candidates = (scores.view(n * K, 1) + log_probs).view(n, K * V)  # (n, K*V)
         top, index = candidates.topk(2 * K, dim=1)  # (n, 2K): at most K of them can be <end>
         parent = torch.div(index, V, rounding_mode="floor") + torch.arange(n, device=dev).unsqueeze(1) * K  # (n, 2K) row
         word = index % V  # (n, 2K)
@@ -166,23 +202,33 @@ def beam_search(
             history, attention = history[row_mask], attention[row_mask]
             state = state.select(row_mask)
 
-    # Images still running at max_len: their live beams count as (unfinished) hypotheses.
     if images and len(images) * K == history.size(0):
-        for i, b in enumerate(images):
-            for k in range(K):
-                row, logprob = i * K + k, float(scores[i, k])
-                if logprob > float("-inf"):
-                    done[b].append(Hypothesis(
-                        history[row].tolist(), logprob, _normalise(logprob, history.size(1), length_penalty),
-                        attention[row].float().cpu(), False,
-                    ))
+        _add_cut_beams(done, images, scores, history, attention, length_penalty)
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in done]
 
 
+def _add_cut_beams(done: list[list[Hypothesis]], images: list[int], scores: torch.Tensor, history: torch.Tensor,
+                   attention: torch.Tensor, length_penalty: float) -> None:
+    """Images still running at max_len: their live beams count as (unfinished) hypotheses.
+    scores (n, K), history (n*K, t), attention (n*K, t, L)."""
+    K = scores.size(1)
+    for i, b in enumerate(images):
+        for k in range(K):
+            row, logprob = i * K + k, float(scores[i, k])
+            if logprob > float("-inf"):  # a beam that never had a live word (or only blocked ones)
+                done[b].append(Hypothesis(
+                    history[row].tolist(), logprob, _normalise(logprob, history.size(1), length_penalty),
+                    attention[row].float().cpu(), False,
+                ))
+
+
 def decode(decoder: Decoder, features: torch.Tensor, options: DecodeOptions) -> list[list[Hypothesis]]:
-    """features (B, L, D) -> per image, ``options.nbest`` hypotheses, best first: greedy at beam size 1."""
+    """features (B, L, D) -> per image, ``options.nbest`` hypotheses, best first: greedy at beam size 1.
+    A ``no_repeat_ngram`` of None is off here: only the Captioner knows the tokenizer whose default it means."""
     if options.max_len is None:
         raise ValueError("decode needs options.max_len (the Captioner fills in its tokenizer's default)")
+    ngram = options.no_repeat_ngram or 0
     if options.beam_size == 1:
-        return [[h] for h in greedy(decoder, features, options.max_len, options.length_penalty)]
-    return beam_search(decoder, features, options.beam_size, options.max_len, options.length_penalty, options.nbest)
+        return [[h] for h in greedy(decoder, features, options.max_len, options.length_penalty, ngram)]
+    return beam_search(decoder, features, options.beam_size, options.max_len, options.length_penalty, options.nbest,
+                       ngram)

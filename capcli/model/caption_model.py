@@ -22,12 +22,15 @@ class CaptionModel(nn.Module):
         self.cfg = cfg
         self.decoder = Decoder(cfg)
 
-    def grid_shape(self) -> tuple[int, int]:
-        """(h, w) of the attention grid, for drawing attention maps."""
+    def grid_shape(self, cells: int | None = None) -> tuple[int, int]:
+        """(h, w) of the attention grid, for drawing attention maps: of ``cells`` grid cells (L) when
+        known, else found by running the encoder once."""
         if self.cfg.grid:
             return self.cfg.grid, self.cfg.grid
-        with torch.no_grad():
-            side = self.encoder(torch.zeros(1, 3, self.cfg.image_size, self.cfg.image_size, device=self.device)).size(1)
+        side = cells
+        if side is None:
+            with torch.no_grad():
+                side = self.encoder(torch.zeros(1, 3, self.cfg.image_size, self.cfg.image_size, device=self.device)).size(1)
         h = int(math.isqrt(side))
         return (h, side // h) if h * (side // h) == side else (1, side)
 

@@ -1,4 +1,5 @@
-"""Pretrained CNN encoders -> a grid of feature vectors (B, L, D), and where their weights come from.
+"""Pretrained CNN encoders -> a grid of feature vectors (B, L, D), where their weights come from,
+and the blocks --fine-tune-blocks counts.
 
 Lite0 is written out here; ResNets come from torchvision and anything else from timm, both
 imported only when asked for.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,46 @@ from capcli.errors import CapcliError
 from capcli.files import FileProblem, read_state_dict
 
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+# What --fine-tune-blocks counts, per encoder family, top down: each block named by the prefixes of
+# its backbone parameters. Fine-tuning N blocks trains the top N; the blocks below them are the
+# frozen lower part, whose output training caches (Encoder.lower), and the top N run at every
+# step (Encoder.upper). The backbones' stages (bottom up) are these blocks in reverse order.
+FINE_TUNE_BLOCKS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "lite0": (("conv_head", "bn2"), *((f"blocks.{i}",) for i in range(6, -1, -1)), ("conv_stem", "bn1")),
+    "resnet": (("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1")),
+    "timm": (("",),),  # one block, the whole network: timm's models share no way to be cut in two
+}
+# --fine-tune-encoder's blocks: the top it has always trained (Lite0: the head, blocks.6 and blocks.5)
+FINE_TUNE_ENCODER_BLOCKS = {"lite0": 3, "resnet": 1, "timm": 1}
+
+
+def _family(encoder: str) -> str:
+    return "timm" if encoder.startswith("timm:") else "resnet" if encoder.startswith("resnet") else encoder
+
+
+def fine_tune_block_names(encoder: str) -> tuple[tuple[str, ...], ...]:
+    """The blocks of ``encoder`` that --fine-tune-blocks counts, top down (see FINE_TUNE_BLOCKS)."""
+    return FINE_TUNE_BLOCKS[_family(encoder)]
+
+
+def default_fine_tune_blocks(encoder: str) -> int:
+    """How many top blocks --fine-tune-encoder trains."""
+    return FINE_TUNE_ENCODER_BLOCKS[_family(encoder)]
+
+
+def fine_tune_blocks_problem(encoder: str, n: int) -> str | None:
+    """Why ``--fine-tune-blocks n`` cannot be given with ``encoder``, in one line, or None."""
+    if n < 0:
+        return f"--fine-tune-blocks {n}: give 0 (a frozen encoder) or more"
+    blocks = fine_tune_block_names(encoder)
+    if n <= len(blocks):
+        return None
+    if _family(encoder) == "timm":
+        return (f"--fine-tune-blocks {n}: a timm encoder is not split into blocks; give 0 (frozen) or 1 "
+                f"(the whole network)")
+    names = ", ".join("+".join(b) for b in blocks)
+    return f"--fine-tune-blocks {n}: the {encoder} encoder has {len(blocks)} blocks (top down: {names})"
 
 
 class Conv2dSame(nn.Conv2d):
@@ -94,39 +136,49 @@ class EfficientNetLite0(nn.Module):
         self.blocks = nn.Sequential(*stages)
         self.conv_head, self.bn2 = _conv(cin, self.num_features, 1), _bn(self.num_features)
 
-    def forward(self, x):  # (B, 3, S, S) -> (B, 1280, S/32, S/32)
-        x = F.relu6(self.bn1(self.conv_stem(x)))
-        x = self.blocks(x)
+    def stem(self, x):  # (B, 3, S, S) -> (B, 32, S/2, S/2)
+        return F.relu6(self.bn1(self.conv_stem(x)))
+
+    def head(self, x):  # (B, 320, S/32, S/32) -> (B, 1280, S/32, S/32)
         return F.relu6(self.bn2(self.conv_head(x)))
 
+    def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Bottom up, as FINE_TUNE_BLOCKS["lite0"] names them top down: stem, blocks.0..6, head."""
+        return [self.stem, *self.blocks, self.head]
 
-def _resnet_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
-    return m.layer4(m.layer3(m.layer2(m.layer1(x))))  # (B, 2048, S/32, S/32)
+    def forward(self, x):  # (B, 3, S, S) -> (B, 1280, S/32, S/32)
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+
+def _resnet_stages(m: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Bottom up, as FINE_TUNE_BLOCKS["resnet"] names them top down: stem, layer1..4 (B, 2048, S/32, S/32)."""
+    return [lambda x: m.maxpool(m.relu(m.bn1(m.conv1(x)))), m.layer1, m.layer2, m.layer3, m.layer4]
 
 
 class Encoder(nn.Module):
     """Pretrained CNN -> grid of feature vectors (B, L, D).
 
     Frozen by default and then always in eval mode, so BatchNorm statistics never drift.
-    ``set_fine_tune(True)`` unfreezes the top blocks; BatchNorm stays in eval mode even then
-    (caption batches are too small for good batch statistics).
+    ``set_trained_blocks(n)`` unfreezes the top n blocks (``block_names``, top down; ``set_fine_tune(True)``
+    the usual top); BatchNorm stays in eval mode even then (caption batches are too small for good
+    batch statistics), and no block has dropout, so ``upper(lower(images, n), n)`` is ``forward``
+    in training too.
     """
 
     def __init__(self, name: str, grid: int = 0):
         super().__init__()
-        self.name, self.grid, self.fine_tune = name, grid, False
+        self.name, self.grid, self.trained_blocks = name, grid, 0
         if name == "lite0":
             self.backbone = EfficientNetLite0()
             self.feature_dim, self.mean, self.std = 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-            self._top = ("blocks.5", "blocks.6", "conv_head", "bn2")
         elif name in ("resnet50", "resnet101", "resnet152"):
             import torchvision
 
             self.backbone = getattr(torchvision.models, name)(weights=None)
             self.backbone.fc = nn.Identity()  # unused; drops the classifier's parameters
             self.feature_dim, self.mean, self.std = 2048, _IMAGENET_MEAN, _IMAGENET_STD
-            self._top = ("layer4",)
         elif name.startswith("timm:"):
             import timm
 
@@ -137,36 +189,63 @@ class Encoder(nn.Module):
             cfg = self.backbone.pretrained_cfg
             self.feature_dim = self.backbone.num_features
             self.mean, self.std = tuple(cfg.get("mean", _IMAGENET_MEAN)), tuple(cfg.get("std", _IMAGENET_STD))
-            self._top = ("",)  # the whole network
         else:
             raise CapcliError(f"unknown encoder {name!r} (choose {', '.join(ENCODERS)} or timm:NAME)")
+        self.block_names = fine_tune_block_names(name)  # top down
         # channels-last convolutions run ~25% faster on the CPU (oneDNN) and suit tensor cores on GPUs
         self.backbone.to(memory_format=torch.channels_last)
-        self.set_fine_tune(False)
+        self.set_trained_blocks(0)
+
+    def _stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """The backbone's stages, bottom up: ``block_names`` in reverse order."""
+        if self.name.startswith("resnet"):
+            return _resnet_stages(self.backbone)
+        if self.name.startswith("timm:"):
+            return [self.backbone.forward_features]  # (B, D, h, w), or (B, N, D) for transformers
+        return self.backbone.stages()
+
+    def lower(self, images: torch.Tensor, n: int) -> torch.Tensor:
+        """The part below the top ``n`` blocks: images (B, 3, S, S) -> its output (B, C, h, w); with
+        n = 0 the backbone's whole output, before the grid; with n = len(block_names) the images."""
+        x = images.contiguous(memory_format=torch.channels_last)
+        stages = self._stages()
+        for stage in stages[:len(stages) - n]:
+            x = stage(x)
+        return x
+
+    def upper(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The top ``n`` blocks on ``lower(images, n)``'s output, then the grid: -> features (B, L, D)."""
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)  # as lower gave it, also when read back from a cache
+        stages = self._stages()
+        for stage in stages[len(stages) - n:]:
+            x = stage(x)
+        if x.dim() == 3:
+            return x  # a transformer's tokens: already (B, L, D)
+        if self.grid:
+            x = F.adaptive_avg_pool2d(x, self.grid)  # (B, D, grid, grid)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.contiguous(memory_format=torch.channels_last)  # (B, 3, S, S)
-        if self.name.startswith("resnet"):
-            f = _resnet_forward(self.backbone, images)  # (B, D, h, w)
-        elif self.name.startswith("timm:"):
-            f = self.backbone.forward_features(images)  # (B, D, h, w), or (B, N, D) for transformers
-        else:
-            f = self.backbone(images)  # (B, D, h, w)
-        if f.dim() == 3:
-            return f  # already (B, L, D)
-        if self.grid:
-            f = F.adaptive_avg_pool2d(f, self.grid)  # (B, D, grid, grid)
-        return f.flatten(2).transpose(1, 2)  # (B, L, D)
+        return self.upper(self.lower(images, 0), 0)  # (B, 3, S, S) -> (B, L, D)
 
     def set_fine_tune(self, enabled: bool) -> None:
-        self.fine_tune = enabled
+        """Train the encoder's usual top blocks (--fine-tune-encoder's), or none."""
+        self.set_trained_blocks(default_fine_tune_blocks(self.name) if enabled else 0)
+
+    def set_trained_blocks(self, n: int) -> None:
+        """Train the top ``n`` blocks (``block_names[:n]``), freeze the rest."""
+        if problem := fine_tune_blocks_problem(self.name, n):
+            raise CapcliError(problem)
+        self.trained_blocks = n
+        prefixes = [p for block in self.block_names[:n] for p in block]
         for name, p in self.backbone.named_parameters():
-            p.requires_grad = enabled and any(name.startswith(t) for t in self._top)
+            p.requires_grad = any(t == "" or name == t or name.startswith(t + ".") for t in prefixes)
         self.train(self.training)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if not (mode and self.fine_tune):
+        if not (mode and self.trained_blocks):
             self.backbone.eval()
         else:
             for m in self.backbone.modules():

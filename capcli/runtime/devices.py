@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from capcli.choices import PRECISIONS as PRECISIONS
+from capcli.choices import PRECISIONS
 from capcli.errors import CapcliError
 
 
@@ -47,16 +47,33 @@ def cpu_has_amx() -> bool:
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """--precision -> "fp32", "bf16" or "fp16" for ``device``; a precision the device lacks is an error.
+def cpu_has_int8_dot() -> bool:
+    """Does this CPU multiply 8-bit integers into 32-bit sums in one instruction (AVX512-VNNI,
+    AVX-VNNI or AMX)? Without it (plain AVX2/AVX-512) 8-bit products go through 16-bit sums that
+    saturate, and int8 is neither fast nor exact enough to choose by default."""
+    if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() or cpu_has_amx():
+        return True
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            flags = next((line for line in f if line.startswith(b"flags")), b"").split()
+    except OSError:
+        return False
+    return b"avx_vnni" in flags or b"amx_int8" in flags
+
+
+def resolve_precision(name: str, device: torch.device, allowed: tuple[str, ...] = PRECISIONS) -> str:
+    """--precision -> "fp32", "bf16", "fp16" or "int8" for ``device``; a precision the device lacks
+    is an error. auto never gives int8 here: that depends on the encoder (infer.encoding).
 
     auto: on a GPU bf16 where it has it, else fp16. On a CPU bf16 only with AMX: with AVX512-BF16
     alone (AMD Zen 4) the encoder runs no faster in bf16 than in fp32 at its best batch size, and
     its captions move a little (docs/performance-notes.md), so auto keeps fp32 there.
     """
-    if name not in PRECISIONS:
-        raise CapcliError(f"--precision {name!r}: choose {', '.join(PRECISIONS)}")
+    if name not in allowed:
+        raise CapcliError(f"--precision {name!r}: choose {', '.join(allowed)}")
     cuda = device.type == "cuda"
+    if name == "int8" and cuda:
+        raise CapcliError("--precision int8 runs the encoder on OpenVINO, on the CPU; on a GPU use bf16, fp16 or fp32")
     if name == "auto":
         if cuda:
             return "bf16" if gpu_has_bf16(device) else "fp16"

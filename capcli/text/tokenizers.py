@@ -22,6 +22,10 @@ TOKENIZERS = ("word", "char", "smiles")
 DEFAULT_MAX_LEN = {"word": 50, "char": 150, "smiles": 100}
 # The longest output the samplers write, by default, in tokens.
 DEFAULT_DECODE_LEN = {"word": 30, "char": 150, "smiles": 100}
+# The n-gram the samplers never repeat, by default (0: off). Words: 3, chosen on flickr8k-mini's
+# val split (docs/captioning.md); it stops greedy loops ("a blue shirt and a blue shirt ...").
+# Characters and SMILES repeat n-grams legitimately ("c1ccc", "aa"): off unless asked.
+DEFAULT_NO_REPEAT_NGRAM = {"word": 3, "char": 0, "smiles": 0}
 
 # A word is a run of letters or digits, possibly with inner apostrophes ("dog's").
 # Everything else (punctuation, whitespace) separates words and is dropped: a caption's

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 from capcli.choices import MODEL_LIMITS, check_names, model_setting_problem, shown
 from capcli.errors import CapcliError
+from capcli.model.config import ModelConfig
 from capcli.text.tokenizers import TOKENIZERS
 
 SCST_BASELINES = ("mean", "greedy")  # capcli.train.scst's (named here: this module imports no torch)
@@ -29,17 +30,17 @@ class TrainConfig:
     min_freq: int | None = None  # None: 5 for words, 1 for characters and SMILES tokens
     max_len: int | None = None  # longest training caption in tokens; None: the vocabulary's (else the tokenizer's default)
     max_bad_fraction: float = 0.01  # stop when more of the images than this cannot be read
-    # model
-    encoder: str = "lite0"
+    # model: ModelConfig's settings, with its defaults (MODEL_FIELDS below), and the encoder's weights
+    encoder: str = ModelConfig.encoder
     encoder_weights: str | None = None
-    image_size: int = 224
-    grid: int = 0
-    attention: str = "additive"
-    rnn: str = "lstm"
-    embed_dim: int = 256
-    attention_dim: int = 256
-    decoder_dim: int = 512
-    dropout: float = 0.5
+    image_size: int = ModelConfig.image_size
+    grid: int = ModelConfig.grid
+    attention: str = ModelConfig.attention
+    rnn: str = ModelConfig.rnn
+    embed_dim: int = ModelConfig.embed_dim
+    attention_dim: int = ModelConfig.attention_dim
+    decoder_dim: int = ModelConfig.decoder_dim
+    dropout: float = ModelConfig.dropout
     # optimisation
     epochs: int = 20
     batch_size: int = 64
@@ -48,6 +49,11 @@ class TrainConfig:
     grad_clip: float = 5.0
     attention_reg: float = 1.0  # lambda of the doubly stochastic attention penalty
     label_smoothing: float = 0.0
+    # Encoder blocks trained, from the top (capcli.model.encoders.FINE_TUNE_BLOCKS): the frozen part
+    # below them is cached, the top ones run at every step. 0: a frozen encoder, all of it cached.
+    fine_tune_blocks: int = 0
+    # The whole encoder at every step, no cache (the way before --fine-tune-blocks; the same result,
+    # slower); trains --fine-tune-blocks blocks, else the encoder's usual top (3 for Lite0, 1 for ResNets).
     fine_tune_encoder: bool = False
     encoder_lr: float = 1e-4
     patience: int = 5  # early stop after this many epochs without a better val BLEU-4 (val CIDEr with SCST)
@@ -78,6 +84,11 @@ class TrainConfig:
             raise CapcliError("give the data: --data DIR, or --captions FILE --images DIR")
         if self.val_beam < 1:
             raise CapcliError("--val-beam must be at least 1")
+        if self.fine_tune_blocks:  # the encoder's blocks are known to capcli.model.encoders, which imports torch
+            from capcli.model.encoders import fine_tune_blocks_problem
+
+            if problem := fine_tune_blocks_problem(self.encoder, self.fine_tune_blocks):
+                raise CapcliError(problem)
         if self.scst_baseline not in SCST_BASELINES:
             raise CapcliError(f"unknown --scst-baseline {self.scst_baseline!r} (choose {', '.join(SCST_BASELINES)})")
         if self.scst_after is not None:
@@ -104,6 +115,10 @@ class TrainConfig:
                 raise ValueError(problem)
         return cls(**settings)
 
+
+# The model settings a run chooses: its fields that ModelConfig has too, in TrainConfig's order. The
+# rest of a ModelConfig comes from the data (vocab_size) and the encoder (feature_dim, mean, std).
+MODEL_FIELDS = tuple(f.name for f in fields(TrainConfig) if f.name in {m.name for m in fields(ModelConfig)})
 
 # config.json of runs started by capcli 0.1.0 used these names
 _RENAMED = {"out": "output", "save_every_minutes": "save_every"}

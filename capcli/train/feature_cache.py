@@ -1,4 +1,5 @@
-"""The frozen-encoder feature cache: every image encoded once, fp16, memory-mapped from the run folder.
+"""The feature cache: what the frozen encoder (or its frozen lower part) makes of every image,
+encoded once, fp16, memory-mapped from the run folder.
 
 Single process: encode what is missing, in order, recording progress as it goes (an interrupted
 caching run continues where it stopped). Under torchrun each image is still encoded once, by one
@@ -10,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,6 +28,8 @@ from capcli.model.config import ModelConfig
 from capcli.progress import Reporter
 
 log = logging.getLogger("capcli")
+
+Encode = Callable[[torch.Tensor], torch.Tensor]  # normalised images (b, 3, S, S) -> their rows of the cache
 
 
 def _intervals(mask: torch.Tensor) -> list[list[int]]:
@@ -70,10 +74,12 @@ def _is_row_key(key: str, n: int) -> bool:
 
 
 class FeatureCache:
-    """Encoder features of a list of images, fp16, memory-mapped from one file.
+    """Encoder features of a list of images, fp16, memory-mapped from one file: one row per image,
+    the encoder's features (L, D), or with --fine-tune-blocks the output (C, h, w) of the frozen
+    part below the fine-tuned blocks.
 
     The file lives in the run folder and is reused by --resume; a key made of the encoder, its
-    weights and the image list guards against reusing features that no longer match. Progress
+    weights, the split point and the image list guards against reusing features that no longer match. Progress
     is recorded as it goes, so an interrupted caching run continues where it stopped.
 
     Progress: ``features-KEY.json`` holds {"done": rows 0..done-1 are cached, "bad": {row: why},
@@ -82,13 +88,13 @@ class FeatureCache:
     ``features-KEY.part-rR.json``; one process per folder merges them into the main record.
     """
 
-    def __init__(self, directory: Path, key: str, shape: tuple[int, int, int], create: bool = True):
+    def __init__(self, directory: Path, key: str, shape: tuple[int, ...], create: bool = True):
         self.directory, self.key = Path(directory), key
         self.data_path = self.directory / f"features-{key}.f16"
         self.index_path = self.directory / f"features-{key}.json"
-        self.shape = shape
-        n, L, D = shape
-        self.row_bytes = L * D * 2
+        self.shape = shape  # (images, *one image's row): (n, L, D) or (n, C, h, w)
+        n = shape[0]
+        self.row_bytes = math.prod(shape[1:]) * 2
         if create and (not self.data_path.exists() or self.data_path.stat().st_size != n * self.row_bytes):
             with open(self.data_path, "wb") as f:
                 f.truncate(n * self.row_bytes)
@@ -100,8 +106,8 @@ class FeatureCache:
 
     def remap(self) -> None:
         """(Re)open the memory map: after other processes wrote rows, perhaps on other machines."""
-        n, L, D = self.shape
-        self.features = torch.from_file(str(self.data_path), shared=True, size=n * L * D, dtype=torch.float16).view(n, L, D)
+        self.features = torch.from_file(str(self.data_path), shared=True, size=math.prod(self.shape),
+                                        dtype=torch.float16).view(self.shape)  # (n, L, D) or (n, C, h, w)
 
     def _part_paths(self) -> list[Path]:
         return sorted(self.directory.glob(f"features-{self.key}.part-r*.json"))
@@ -153,24 +159,25 @@ class FeatureCache:
             part.unlink(missing_ok=True)
 
     def write_rows(self, fd: int, rows: Sequence[int], f: torch.Tensor) -> None:
-        """Write features f (len(rows), L, D) of sorted ``rows`` with pwrite (safe for neighbouring rows
+        """Write features f (len(rows), ...) of sorted ``rows`` with pwrite (safe for neighbouring rows
         written by other processes, also over NFS, unlike writes through a shared mapping)."""
-        data = f.to("cpu", torch.float16).contiguous().view(torch.uint8).numpy()  # (k, L, D*2) bytes
+        data = f.to("cpu", torch.float16).contiguous().view(torch.uint8).reshape(len(rows), -1).numpy()  # (k, row bytes)
         for start, pos, count in _runs(rows):
             os.pwrite(fd, data[pos:pos + count].tobytes(), start * self.row_bytes)
 
-    def encode(self, encoder: torch.nn.Module, rows: Sequence[int], paths: Sequence[Path], cfg: ModelConfig,
+    def encode(self, encoder: Encode, rows: Sequence[int], paths: Sequence[Path], cfg: ModelConfig,
                device: torch.device, precision: str, reporter: Reporter, workers: int, batch_size: int,
                part: int | None = None, description: str = "caching features") -> None:
-        """Encode images ``paths[r]`` for the sorted ``rows``; unreadable images are recorded in ``bad``.
+        """Encode images ``paths[r]`` for the sorted ``rows`` with ``encoder`` (images -> rows of the
+        cache); unreadable images are recorded in ``bad``.
 
         Progress goes to the main record, or to part record ``part`` (a rank) when given.
         """
         if not rows:
             return
         t0 = time.time()
-        mine = torch.zeros(self.shape[0], dtype=torch.bool)  # what this call did, for a part record
-        my_bad: dict[int, str] = {}
+        encoded_now = torch.zeros(self.shape[0], dtype=torch.bool)  # rows this call encoded, for a part record
+        bad_now: dict[int, str] = {}
         reporter.start(description, len(rows), unit="images")
         last_save = time.time()
         fd = os.open(self.data_path, os.O_RDWR)
@@ -179,7 +186,7 @@ class FeatureCache:
             if part is None:
                 atomic_write_bytes(self.index_path, self._record(self.have, self.bad, main=True))
             else:
-                atomic_write_bytes(self.part_path(part), self._record(mine, my_bad, main=False))
+                atomic_write_bytes(self.part_path(part), self._record(encoded_now, bad_now, main=False))
 
         batches = image_batches([paths[r] for r in rows], cfg.image_size, batch_size, workers,
                                 overlap=device.type == "cuda")
@@ -188,17 +195,17 @@ class FeatureCache:
                 good_rows, good = [], []
                 for i, (path, item) in zip(rows[start:start + batch_size], items):
                     if isinstance(item, ImageError):
-                        self.bad[i] = my_bad[i] = f"{path}: {item}"
+                        self.bad[i] = bad_now[i] = f"{path}: {item}"
                     else:
                         good_rows.append(i)
                         good.append(item)
                 if good:
                     x = model_input(good, device, cfg.mean, cfg.std)  # (b, 3, S, S)
                     with torch.no_grad(), autocast(device, precision):
-                        f = encoder(x)  # (b, L, D)
+                        f = encoder(x)  # (b, L, D), or (b, C, h, w)
                     self.write_rows(fd, good_rows, f)
                 rows_done = rows[start:start + len(items)]
-                self.have[rows_done] = mine[rows_done] = True
+                self.have[rows_done] = encoded_now[rows_done] = True
                 reporter.update(len(items))
                 if time.time() - last_save > 30:
                     os.fsync(fd)
@@ -212,7 +219,7 @@ class FeatureCache:
         n = len(rows)
         log.info("cached features of %d images in %.1f s (%.1f ms/image)", n, time.time() - t0, 1000 * (time.time() - t0) / max(n, 1))
 
-    def fill(self, encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
+    def fill(self, encoder: Encode, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
              precision: str, reporter: Reporter, workers: int, batch_size: int) -> None:
         """Encode every image not cached yet, in this process (the single-process cache build)."""
         if self._part_paths():
@@ -221,8 +228,8 @@ class FeatureCache:
         self.encode(encoder, rows, paths, cfg, device, precision, reporter, workers, batch_size)
 
 
-def build_feature_cache(ctx: DistContext, directory: Path, key: str, shape: tuple[int, int, int],
-                        encoder: torch.nn.Module, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
+def build_feature_cache(ctx: DistContext, directory: Path, key: str, shape: tuple[int, ...],
+                        encoder: Encode, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
                         precision: str, reporter: Reporter, workers: int, batch_size: int) -> FeatureCache:
     """The complete feature cache of ``paths`` in ``directory``, on every rank; each image encoded once.
 
@@ -301,7 +308,6 @@ def _exchange_rows(ctx: DistContext, cache: FeatureCache, leaders: list[int], as
         cache.remap()  # see the rows the other ranks of this folder wrote
         comm = device if device.type == "cuda" else torch.device("cpu")
         per_chunk = max(1, (64 << 20) // cache.row_bytes)
-        _, L, D = cache.shape
         fd = os.open(cache.data_path, os.O_RDWR)
         try:
             for src in heads:
@@ -309,9 +315,10 @@ def _exchange_rows(ctx: DistContext, cache: FeatureCache, leaders: list[int], as
                 for k in range(0, len(rows), per_chunk):
                     chunk = rows[k:k + per_chunk]
                     if ctx.rank == src:
-                        buf = cache.features[torch.tensor(chunk)].contiguous().view(torch.uint8).to(comm)
+                        rows_data = cache.features[torch.tensor(chunk)].contiguous()  # (k, ...) fp16
+                        buf = rows_data.view(torch.uint8).reshape(len(chunk), -1).to(comm)  # (k, row bytes)
                     else:
-                        buf = torch.empty(len(chunk), L, D * 2, dtype=torch.uint8, device=comm)
+                        buf = torch.empty(len(chunk), cache.row_bytes, dtype=torch.uint8, device=comm)
                     dist.broadcast(buf, src=src, group=group)
                     if ctx.rank != src:
                         cache.write_rows(fd, chunk, buf.view(torch.float16))
@@ -321,9 +328,16 @@ def _exchange_rows(ctx: DistContext, cache: FeatureCache, leaders: list[int], as
     distributed.barrier(ctx)
 
 
-def cache_key(cfg: ModelConfig, weights_source: str, precision: str, paths: Sequence[Path]) -> str:
+def cache_key(cfg: ModelConfig, weights_source: str, precision: str, paths: Sequence[Path],
+              fine_tune_blocks: int = 0) -> str:
+    """The name of the cache of ``paths``: what the rows hold and of which images. With
+    ``fine_tune_blocks`` N > 0 the rows are the output of the part below the top N blocks, so a
+    frozen cache and a split one (or two split at different blocks) never mix."""
     h = hashlib.sha1()
-    h.update(json.dumps([cfg.encoder, cfg.grid, cfg.image_size, weights_source, precision]).encode())
+    settings = [cfg.encoder, cfg.grid, cfg.image_size, weights_source, precision]
+    if fine_tune_blocks:  # not for 0: the frozen caches of earlier runs keep their name
+        settings.append({"below_top_blocks": fine_tune_blocks})
+    h.update(json.dumps(settings).encode())
     for p in paths:
         h.update(str(p).encode() + b"\0")
     return h.hexdigest()[:16]

@@ -54,17 +54,23 @@ class Objective(Protocol):
 class TrainNet(nn.Module):
     """What DistributedDataParallel wraps: the batch's inputs -> features -> ``head(decoder, features)``.
 
-    Inputs are cached features (N, L, D), or with a fine-tuned encoder the batch's images
-    (n_img, 3, S, S) and ``rows``, the image of each row: the encoder then runs inside the forward,
-    so DDP also averages the gradients of its unfrozen blocks. ``head`` is the objective's use of
-    the decoder (teacher forcing, sampling); returns (its output, the features).
+    Inputs are cached features (N, L, D), or with a fine-tuned encoder the input of its top
+    ``top_blocks`` blocks for the batch's distinct images (the cached output of the frozen part
+    below them (n_img, C, h, w), or the images (n_img, 3, S, S) when the whole encoder runs) and
+    ``rows``, the image of each row: those blocks then run inside the forward, so DDP also averages
+    their gradients. ``head`` is the objective's use of the decoder (teacher forcing, sampling);
+    returns (its output, the features).
     """
 
-    def __init__(self, model: CaptionModel):
+    def __init__(self, model: CaptionModel, top_blocks: int = 0):
         super().__init__()
         self.encoder, self.decoder = model.encoder, model.decoder
+        self.top_blocks = top_blocks  # the feature source's (capcli.train.features)
 
     def forward(self, x: torch.Tensor, rows: torch.Tensor | None, head: Callable[[Decoder, torch.Tensor], object]):
         if rows is not None:
-            x = self.encoder(x)[rows]  # (N, L, D): once per image, shared by its rows
+            # (N, L, D): once per image, shared by its rows. index_select, not x[rows]: on the CPU the
+            # gradient of indexing adds an image's rows in a varying order (threads), index_select's in
+            # a fixed one, so a resumed run ends bit for bit as one never stopped.
+            x = self.encoder.upper(x, self.top_blocks).index_select(0, rows)
         return head(self.decoder, x), x

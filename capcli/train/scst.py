@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from capcli.infer.decode import BANNED, greedy
+from capcli.infer.decode import caption_log_probs, greedy
 from capcli.metrics.cider import CiderD, document_frequencies, fingerprint, load_document_frequencies, save_document_frequencies
 from capcli.model.decoder import Decoder
 from capcli.runtime import distributed
@@ -53,13 +53,6 @@ class Samples:
     ended: torch.Tensor  # (N,) True where the caption ended with <end> (False: cut at max_len)
 
 
-def log_probs(logits: torch.Tensor) -> torch.Tensor:
-    """The policy: log-softmax over the tokens a caption may hold (never <pad>, <start> or <unk>)."""
-    banned = torch.zeros(logits.size(-1), dtype=torch.bool, device=logits.device)
-    banned[list(BANNED)] = True
-    return torch.log_softmax(logits.float().masked_fill(banned, float("-inf")), dim=-1)  # (n, V)
-
-
 def sample(decoder: Decoder, features: torch.Tensor, k: int, max_len: int,
            generator: torch.Generator | None = None) -> Samples:
     """K multinomial samples per image. features (B, L, D) -> Samples of B*K rows.
@@ -77,7 +70,7 @@ def sample(decoder: Decoder, features: torch.Tensor, k: int, max_len: int,
     tokens, logprobs, entropies, masks = [], [], [], []
     for _ in range(max_len):
         logits, state, _ = decoder.step(state, words)  # (n, V)
-        logp = log_probs(logits)  # (n, V)
+        logp = caption_log_probs(logits)  # (n, V)
         probs = logp.detach().exp()  # (n, V)
         words = torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (n,)
         chosen = logp.gather(1, words.unsqueeze(1)).squeeze(1)  # (n,)
@@ -200,18 +193,19 @@ class SelfCritical:
     def step(self, batch: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
         run = self.run
         cfg, ctx, K = run.cfg, run.ctx, run.cfg.scst_samples
-        weight = 1.0
-        mine = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
-        inputs = run.source.load(sorted(set(mine)))
-        mine = [i for i in mine if i in inputs.usable]
-        if not mine:  # nothing to train on here: join the all-reduces with a zero-weight image
-            mine, weight = batch[:1], 0.0
+        # This process's part of the batch (image rows), less the unreadable images.
+        local_rows = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
+        inputs = run.source.load(sorted(set(local_rows)))
+        local_rows = [i for i in local_rows if i in inputs.loaded_rows]
+        has_rows = bool(local_rows)
+        if not has_rows:  # nothing to train on here: join the all-reduces with a zero-weight image
+            local_rows = batch[:1]
             inputs = run.source.placeholder(batch[0])
         with autocast(run.device, run.precision):
-            x, rows = inputs.for_captions(mine)  # (B, L, D), or images and the row of each
+            x, rows = inputs.inputs_for_rows(local_rows)  # (B, L, D), or images and the row of each
             samples, features = run.net(x, rows, lambda decoder, f: sample(decoder, f, K, self.max_len))
         t0 = time.time()
-        rewards = self.reward.of_samples(mine, samples)  # (B*K,)
+        rewards = self.reward.of_samples(local_rows, samples)  # (B*K,)
         reward_seconds = time.time() - t0  # what CIDEr-D costs, for the benchmark
         if cfg.scst_baseline == "greedy":
             run.decoder.eval()  # the test-time caption: no dropout
@@ -219,15 +213,17 @@ class SelfCritical:
                 hyps = greedy(run.decoder, features.detach(), max_len=self.max_len)
             run.decoder.train()
             t0 = time.time()
-            baseline = torch.tensor(self.reward(mine, [(h.tokens, h.finished) for h in hyps])).repeat_interleave(K)
+            baseline = torch.tensor(self.reward(local_rows, [(h.tokens, h.finished) for h in hyps])).repeat_interleave(K)
             reward_seconds += time.time() - t0
         else:
             baseline = mean_of_others(rewards.view(-1, K)).view(-1)  # (B*K,)
         n_tokens = int(samples.mask.sum())
         entropy = float(samples.entropy.sum())
-        totals = torch.tensor([n_tokens, float(rewards.sum()), entropy, rewards.numel()], dtype=torch.float64) * weight
+        totals = torch.tensor([n_tokens, float(rewards.sum()), entropy, rewards.numel()],
+                              dtype=torch.float64) * float(has_rows)  # (4,); zeros from a zero-weight step
         totals = distributed.all_reduce_sum(ctx, totals.to(run.device)).tolist()  # (4,) over the global batch
-        loss_value = loss(samples, (rewards - baseline).to(run.device), total_tokens=totals[0], scale=ctx.world_size * weight)
+        loss_value = loss(samples, (rewards - baseline).to(run.device), total_tokens=totals[0],
+                          scale=ctx.world_size * float(has_rows))
         return loss_value, {"tokens": int(totals[0]), "reward": totals[1], "entropy": totals[2],
                             "captions": int(totals[3]), "reward_seconds": reward_seconds}
 

@@ -48,22 +48,25 @@ class CrossEntropy:
         batch's word count (every process knows it without asking the others)."""
         run, captions = self.run, self.captions
         cfg, ctx = run.cfg, run.ctx
-        weight = 1.0
-        mine = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
-        inputs = run.source.load(sorted({captions.image[i] for i in mine}))
-        mine = [i for i in mine if captions.image[i] in inputs.usable]
-        if not mine:  # nothing to train on here: join the gradient all-reduce with a zero-weight caption
-            mine, weight = batch[:1], 0.0
+        # This process's part of the batch (caption indices), less the captions of unreadable images.
+        local_rows = distributed.shard_batch(batch, ctx.rank, ctx.world_size) if ctx.enabled else batch
+        inputs = run.source.load(sorted({captions.image[i] for i in local_rows}))
+        local_rows = [i for i in local_rows if captions.image[i] in inputs.loaded_rows]
+        has_rows = bool(local_rows)
+        if not has_rows:  # nothing to train on here: join the gradient all-reduce with a zero-weight caption
+            local_rows = batch[:1]
             inputs = run.source.placeholder(captions.image[batch[0]])
         total_words = sum(len(captions.tokens[i]) - 1 for i in batch)
-        padded, lengths, order = collate([captions.tokens[i] for i in mine], run.device)
+        padded, lengths, order = collate([captions.tokens[i] for i in local_rows], run.device)
         attention_reg = cfg.attention_reg if cfg.attention != "none" else 0.0
         with autocast(run.device, run.precision):
-            x, rows = inputs.for_captions([captions.image[mine[i]] for i in order])  # (N, L, D), or images and rows
+            image_rows = [captions.image[local_rows[i]] for i in order]  # the image of each caption, longest first
+            x, rows = inputs.inputs_for_rows(image_rows)  # (N, L, D), or images and rows
             (logits, alphas), _ = run.net(x, rows, teacher_forced(padded, lengths))
             loss, nll, _ = caption_loss(logits, alphas, padded, lengths, cfg.label_smoothing, attention_reg,
-                                        total_words=total_words, total_captions=len(batch), scale=ctx.world_size * weight)
-        nll = float(distributed.all_reduce_sum(ctx, (nll * weight).reshape(1)))
+                                        total_words=total_words, total_captions=len(batch),
+                                        scale=ctx.world_size * float(has_rows))
+        nll = float(distributed.all_reduce_sum(ctx, (nll * float(has_rows)).reshape(1)))
         return loss, {"nll": nll, "words": total_words, "captions": len(batch)}
 
     def progress(self, sums: dict) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Render molecules (SMILES) with RDKit into an image-to-SMILES dataset in capcli's "Kaggle" layout.
 
     python examples/molecules/make_dataset.py SMILES_CSV OUT_DIR [--size 300] [--variants K]
-        [--val 0.05] [--test 0.05] [--test-sizes 224,500] [--brics N] [--seed 0] [--workers 2]
+        [--val 0.05] [--test 0.05] [--test-sizes 224,500] [--brics N] [--moses N [--moses-file F]]
+        [--seed 0] [--workers 2]
 
 SMILES_CSV has a `smiles` column (or is a single column without header). Writes OUT_DIR/Images/*.png
 and OUT_DIR/captions.txt (CSV: image,caption,split; caption = RDKit canonical SMILES). The split is
@@ -9,7 +10,12 @@ by molecule, from a hash of its canonical SMILES, so no molecule appears in two 
 images are RDKit's default depiction at --size; train molecules get variant 0 (default depiction)
 plus K-1 augmented renders. Test molecules are also drawn at --test-sizes, listed separately in
 OUT_DIR/captions_test_sizes.csv. --brics N adds N train-only molecules recombined from BRICS
-fragments of the train molecules. Same arguments -> same files. Needs only numpy, Pillow, rdkit.
+fragments of the train molecules. --moses N adds N train-only molecules drawn from MOSES (1.58M
+drug-like ZINC molecules, the `train.csv.gz` inside the `molsets` wheel: `pip install --no-deps
+molsets`, whose pinned dependencies need not be installed, or --moses-file PATH to that .csv.gz or
+to the wheel itself); a MOSES molecule that is one of SMILES_CSV's val or test molecules (by
+canonical SMILES, with and without stereo) is never drawn. Same arguments -> same files. Needs only
+numpy, Pillow, rdkit.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import os
 import random
 import sys
 import time
+import zipfile
+from importlib.util import find_spec
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -147,6 +155,66 @@ def brics_molecules(train: list[str], n: int, taken: set[str], seed: int) -> lis
     return made
 
 
+MOSES_CSV = "moses/dataset/data/train.csv.gz"
+
+
+def moses_lines(path: str | None):
+    """The SMILES lines of MOSES's train.csv.gz, header dropped: from PATH (the .csv.gz or the
+    molsets wheel), else from the installed molsets package, found without importing it (its
+    __init__ imports torch and friends)."""
+    import gzip
+
+    if path is None:
+        spec = find_spec("moses")
+        if spec is None or not spec.submodule_search_locations:
+            sys.exit("--moses needs MOSES's train.csv.gz: pip install --no-deps molsets, or give --moses-file")
+        path = str(Path(next(iter(spec.submodule_search_locations))) / "dataset" / "data" / "train.csv.gz")
+    if zipfile.is_zipfile(path):
+        raw = zipfile.ZipFile(path).open(MOSES_CSV)
+    else:
+        raw = open(path, "rb")
+    with gzip.open(raw, "rt") as f:
+        next(f, None)  # "SMILES"
+        for line in f:
+            if line.strip():
+                yield line.strip().split(",")[0]
+
+
+def flat(smiles: str) -> str:
+    """Canonical SMILES without stereo: two drawings that look alike count as one molecule."""
+    mol = Chem.MolFromSmiles(smiles)
+    return Chem.MolToSmiles(mol, isomericSmiles=False) if mol is not None else smiles
+
+
+def moses_molecules(n: int, path: str | None, held_out: set[str], taken: set[str], seed: int) -> tuple[list[str], int]:
+    """n MOSES molecules in a seeded random order (reservoir sampling over the stream: one pass, n
+    held), canonical, none of them held out (val/test, compared without stereo) or already taken.
+    Returns them and how many held-out molecules were passed over."""
+    rng = random.Random(seed)
+    pool: list[str] = []
+    wanted = 2 * n + 100  # room for the ones refused below
+    for i, smi in enumerate(moses_lines(path)):
+        if len(pool) < wanted:
+            pool.append(smi)
+        elif (j := rng.randrange(i + 1)) < wanted:
+            pool[j] = smi
+    rng.shuffle(pool)  # a reservoir that never filled holds the file's order
+    made, refused = [], 0
+    for smi in pool:
+        mol = Chem.MolFromSmiles(smi)
+        if mol is None:
+            continue
+        canon = Chem.MolToSmiles(mol)
+        if flat(canon) in held_out:
+            refused += 1
+        elif canon not in taken:
+            taken.add(canon)
+            made.append(canon)
+        if len(made) == n:
+            break
+    return made, refused
+
+
 def write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
@@ -166,7 +234,9 @@ def main() -> None:
     ap.add_argument("--test", type=float, default=0.05, help="fraction of molecules in test (default 0.05)")
     ap.add_argument("--test-sizes", default="224,500", help="extra sizes for test molecules, comma-separated ('' for none)")
     ap.add_argument("--brics", type=int, default=0, help="add N train-only molecules recombined from BRICS fragments")
-    ap.add_argument("--seed", type=int, default=0, help="seed for augmentation and BRICS (not the split)")
+    ap.add_argument("--moses", type=int, default=0, help="add N train-only molecules drawn from MOSES (see above)")
+    ap.add_argument("--moses-file", default=None, help="MOSES's train.csv.gz, or the molsets wheel (default: the installed molsets)")
+    ap.add_argument("--seed", type=int, default=0, help="seed for augmentation, BRICS and MOSES (not the split)")
     ap.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
     args = ap.parse_args()
     if args.variants < 1 or not (0 <= args.val and 0 <= args.test and args.val + args.test <= 1):
@@ -189,6 +259,10 @@ def main() -> None:
         canon.append(smi)
     splits = [split_of(s, args.val, args.test) for s in canon]
     brics = brics_molecules([s for s, sp in zip(canon, splits) if sp == "train"], args.brics, seen, args.seed) if args.brics else []
+    moses, refused = [], 0
+    if args.moses:
+        held_out = {flat(s) for s, sp in zip(canon, splits) if sp != "train"}
+        moses, refused = moses_molecules(args.moses, args.moses_file, held_out, seen | set(brics), args.seed)
 
     out, images = Path(args.out_dir), Path(args.out_dir) / "Images"
     images.mkdir(parents=True, exist_ok=True)
@@ -210,6 +284,8 @@ def main() -> None:
             (rows if size == args.size else size_rows).append((name, smi, sp))
     for i, smi in enumerate(brics):
         add_train("b", i, smi)
+    for i, smi in enumerate(moses):
+        add_train("z", i, smi)
 
     # Each task carries its own seed, so the files do not depend on --workers or on chunk order.
     t1 = time.time()
@@ -223,7 +299,8 @@ def main() -> None:
     if size_rows:
         write_csv(out / "captions_test_sizes.csv", size_rows)
     count = {sp: splits.count(sp) for sp in ("train", "val", "test")}
-    print(f"[make_dataset] molecules: train {count['train']} + BRICS {len(brics)}/{args.brics}, val {count['val']}, "
+    print(f"[make_dataset] molecules: train {count['train']} + BRICS {len(brics)}/{args.brics} + MOSES "
+          f"{len(moses)}/{args.moses} ({refused} val/test molecules passed over), val {count['val']}, "
           f"test {count['test']}; images: {len(rows)} in captions.txt + {len(size_rows)} test sizes; "
           f"skipped: {bad} unparsable, {dup} duplicates; {t2 - t0:.1f} s ({t1 - t0:.1f} s parsing/BRICS, "
           f"{1000 * (t2 - t1) / max(1, len(tasks)):.1f} ms per image)", file=sys.stderr)
