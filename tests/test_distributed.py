@@ -316,6 +316,19 @@ def test_a_dead_or_hung_rank_stops_the_other_with_a_clear_error(shapes_dir, tmp_
         assert waited < 40
 
 
+@pytest.mark.parametrize("raw", [
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Application timeout caused pair closure",  # seen in CI
+    "[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 5000ms for recv operation to complete",
+])
+def test_a_timeout_is_called_one_whichever_wording_gloo_uses(monkeypatch, raw):
+    monkeypatch.setenv("CAPCLI_DIST_TIMEOUT", "5")
+    exc = RuntimeError(raw)
+    assert distributed.is_failure(exc)
+    message = distributed.failure_message(DistContext(rank=0, world_size=2, local_rank=0), exc, "/runs/a")
+    assert "timed out" in message.lower() and "pair.cc" not in message and "unbound_buffer" not in message
+    assert "at most 5 s (CAPCLI_DIST_TIMEOUT)" in message and message.endswith("--resume /runs/a")
+
+
 @pytest.mark.parametrize("joined", [False, True])
 def test_a_process_that_joined_a_group_ends_without_interpreter_shutdown(tmp_path, joined):
     """A torchrun worker skips Python's shutdown, where a Gloo thread still held by DDP can abort the

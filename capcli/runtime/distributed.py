@@ -219,6 +219,8 @@ def failure_message(ctx: DistContext, exc: BaseException, run_dir: str | Path | 
     text = text.split("] ", 1)[-1] if text.startswith("[") else text  # drop gloo's source location
     text = text.split(" This is typically caused", 1)[0]  # and its advice, which is ours below
     seconds = timeout_from_env().total_seconds()
+    if "timeout" in text.lower() and "timed out" not in text.lower():  # gloo's "Application timeout caused pair closure"
+        text = f"timed out: {text}"
     message = (f"distributed {task} stopped on rank {ctx.rank} of {ctx.world_size}: another process died, hung or "
                f"cannot be reached ({text[:300]}); collectives wait at most {seconds:g} s (CAPCLI_DIST_TIMEOUT). "
                f"See the other processes' output for the cause")
