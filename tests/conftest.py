@@ -146,3 +146,12 @@ def cli_env(**extra) -> dict:
         env.pop(k, None)
     env.update({"OMP_NUM_THREADS": "1", "CAPCLI_DIST_TIMEOUT": "60", **extra})
     return env
+
+
+@pytest.fixture
+def no_java(monkeypatch):
+    """Score as on a machine without Java (no METEOR, capcli's own tokenizer): METEOR's Java start-up
+    costs ~8 s a call, which only the tests of the metrics themselves need to pay."""
+    import capcli.metrics.captions as captions
+
+    monkeypatch.setattr(captions, "java_available", lambda: False)

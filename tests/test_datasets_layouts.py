@@ -221,7 +221,7 @@ def test_split_mismatch_with_older_model_files():
     assert split_mismatch({}, dataset_with("hash 90/5/5 of image names", 5), None) == "a source the model file does not record"
 
 
-def test_evaluate_warns_when_the_split_differs_from_the_models(trained_model, shapes_dir):
+def test_evaluate_warns_when_the_split_differs_from_the_models(trained_model, shapes_dir, no_java):
     # trained_model: --split 80/20/0 on the shapes (no split of their own).
     args = ["evaluate", "--data", str(shapes_dir), "-m", str(trained_model), "--split", "val", "--limit", "2", "--json",
             "--device", "cpu"]

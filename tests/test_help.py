@@ -130,7 +130,7 @@ def test_an_empty_share_says_so(trained_model, shapes_dir, tmp_path):
     assert first.exit_code == 0 and len(first.stdout.splitlines()) == 3 and first.stderr == ""
 
 
-def test_evaluate_warns_when_the_model_does_not_fit_the_data(trained_model, shapes_dir, tmp_path):
+def test_evaluate_warns_when_the_model_does_not_fit_the_data(trained_model, shapes_dir, tmp_path, no_java):
     # The shapes model (words) on SMILES references: none of their tokens are words it knows
     table = tmp_path / "molecules.csv"
     with open(table, "w", newline="") as f:

@@ -329,6 +329,11 @@ def test_a_resumed_epoch_counts_the_seconds_of_its_steps_only(tmp_path, shapes_d
     assert 0 < record["train_seconds"] < 60 and record["captions_per_s"] > 1
 
 
+def _default_sighup():
+    """Under `nohup pytest` SIGHUP is ignored and capcli rightly keeps it ignored; this test wants a terminal's."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGHUP, 129, "SIGHUP")])
 def test_sigterm_and_sighup_stop_captioning_like_ctrl_c(tmp_path, trained_model, shapes_dir, signum, code, name):
     """Any command: the signal unwinds like Ctrl-C (files closed, one line, 128 + the signal)
@@ -339,7 +344,7 @@ def test_sigterm_and_sighup_stop_captioning_like_ctrl_c(tmp_path, trained_model,
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen([sys.executable, "-m", "capcli", "caption", "-m", str(trained_model), "--device", "cpu",
                              "--batch-size", "1", "-o", str(out), "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True, env=env, preexec_fn=_default_sighup)
     image = next((shapes_dir / "Images").iterdir())
     proc.stdin.write(f"{image}\n")
     proc.stdin.flush()  # one path, then stdin stays open: capcli waits for more
