@@ -590,7 +590,7 @@ def bad_models(src: Path, d: Path) -> dict[str, tuple[Path, str]]:
     add("config missing", with_metadata(src, d / "cfg-none.safetensors", config=None),
         "damaged capcli metadata (no config)")
     add("unknown encoder", with_metadata(src, d / "cfg-enc.safetensors", config={**cfg, "encoder": "bogus"}),
-        "unknown encoder 'bogus' (choose lite0, resnet50, resnet101, resnet152 or timm:NAME)")
+        "unknown encoder 'bogus' (choose lite0, lite1, lite2, resnet50, resnet101, resnet152 or timm:NAME)")
     wrong = {**cfg, "decoder_dim": cfg["decoder_dim"] * 2}
     add("config does not fit", with_metadata(src, d / "cfg-dim.safetensors", config=wrong), "weight decoder.")
     short = {**vocab, "words": vocab["words"][:-1]}
