@@ -35,4 +35,5 @@ run lite2-224 --encoder lite2
 run lite2-260 --encoder lite2 --image-size 260
 run lite0-448-grid14 --image-size 448 --grid 14
 run lite0-ft1 --fine-tune-blocks 1
-run lite2-260-ft1 --encoder lite2 --image-size 260 --fine-tune-blocks 1
+run lite0-ft1-s1 --fine-tune-blocks 1 --seed 1  # the last --seed wins
+run lite0-ft1-s2 --fine-tune-blocks 1 --seed 2
