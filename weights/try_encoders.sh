@@ -37,3 +37,5 @@ run lite0-448-grid14 --image-size 448 --grid 14
 run lite0-ft1 --fine-tune-blocks 1
 run lite0-ft1-s1 --fine-tune-blocks 1 --seed 1  # the last --seed wins
 run lite0-ft1-s2 --fine-tune-blocks 1 --seed 2
+run lite0-s1 --seed 1  # the shipped recipe's own seeds, scored as the rows above
+run lite0-s2 --seed 2
