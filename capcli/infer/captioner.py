@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -22,7 +21,6 @@ from capcli.model import files as model_files
 from capcli.metrics.chemistry import rdkit_available, valid_first
 from capcli.runtime.devices import resolve_device
 from capcli.infer.encoding import TorchEncoder, choose_encoder
-from capcli.errors import CapcliError
 from capcli.data.images import MAX_IMAGE_PIXELS, ImageError, image_batches, model_input
 from capcli.infer.decode import DecodeOptions, Hypothesis, decode
 from capcli.text.tokenizers import DEFAULT_DECODE_LEN, DEFAULT_NO_REPEAT_NGRAM

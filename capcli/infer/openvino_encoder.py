@@ -110,10 +110,19 @@ class OpenVinoEncoder:
         self._check_shapes(ov_model, model, source)
         self.precision, self.source = precision, source
         # int8: the layers left in floating point run in f32, also where OpenVINO would pick bf16 (AMX)
-        self.compiled = core.compile_model(ov_model, "CPU", {
+        config = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32", "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_NUM_THREADS": torch.get_num_threads(),  # as many as PyTorch: torchrun, OMP_NUM_THREADS
-        })
+        }
+        # OpenVINO keeps the compiled model too (keyed by the model, the CPU and this config; a damaged
+        # file is compiled again), so a cold start loads it instead of compiling: ~0.1-0.2 s here
+        compiled_cache = cache_dir() / "compiled"
+        try:
+            compiled_cache.mkdir(parents=True, exist_ok=True)
+            self.compiled = core.compile_model(ov_model, "CPU", {**config, "CACHE_DIR": str(compiled_cache)})
+        except (OSError, RuntimeError) as e:
+            log.debug("compiling without OpenVINO's model cache in %s (%s)", compiled_cache, e)
+            self.compiled = core.compile_model(ov_model, "CPU", config)
 
     @staticmethod
     def _check_shapes(ov_model, model: CaptionModel, source: str) -> None:
