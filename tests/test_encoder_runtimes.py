@@ -79,6 +79,7 @@ def test_a_damaged_or_unwritable_cache_is_rebuilt_or_skipped_with_a_warning(trai
     x = pixels(loaded, shape_images(shapes_dir, 2))
     monkeypatch.setenv("CAPCLI_CACHE_DIR", str(tmp_path / "cache"))
     first = encoding.choose_encoder(loaded.model, "word", CPU, "fp32", "openvino")(x)
+    encoding.choose_encoder(loaded.model, "word", CPU, "fp32", "openvino")  # a later run: compiled model reused
     xml = next((tmp_path / "cache" / "encoders").glob("*-fp32.xml"))
     xml.write_text("<net>not a model")
     (blob,) = (tmp_path / "cache" / "compiled").glob("*.blob")  # OpenVINO's compiled model, for the next cold start

@@ -159,7 +159,9 @@ def fp32_encoder(model: CaptionModel, key: str, precision: str = "fp32") -> Open
     except OSError as e:
         log.warning("cannot cache the OpenVINO encoder in %s (%s): it will be converted again next time",
                     path.parent, e.strerror or e)
-    return OpenVinoEncoder(ov_model, model, precision, "converted encoder")
+        return OpenVinoEncoder(ov_model, model, precision, "converted encoder")
+    # compiled from the file, as every later run compiles it, so OpenVINO's compiled cache serves them
+    return OpenVinoEncoder(path, model, precision, str(path))
 
 
 def int8_encoder(model: CaptionModel, key: str, model_name: str) -> OpenVinoEncoder:
