@@ -146,8 +146,8 @@ class EfficientNetLite(nn.Module):
         width, depth = LITE_VARIANTS[variant]
         self.conv_stem, self.bn1 = _conv(3, 32, 3, 2), _bn(32)
         stages, cin = [], 32
-        for i, (repeats, k, stride, expand, cout) in enumerate(self.STAGES):
-            if 0 < i < len(self.STAGES) - 1:
+        for stage, (repeats, k, stride, expand, cout) in enumerate(self.STAGES):
+            if 0 < stage < len(self.STAGES) - 1:
                 repeats = math.ceil(repeats * depth)
             cout = _scaled_channels(cout, width)
             blocks = []
