@@ -47,7 +47,7 @@ def main() -> None:
     captioner = Captioner.load(args.model, "cpu")
     ratios = captioner.training.get("split")
     dataset = load_dataset(args.data, split_ratios=parse_split_ratios(ratios) if ratios else None)
-    paths = [s.image_path for s in dataset.samples if args.split in (s.split, "all")]
+    paths = [s.image for s in dataset.samples if args.split in (s.split, "all")]
     max_len = args.max_len or DEFAULT_DECODE_LEN[captioner.vocab.tokenizer]
     options = DecodeOptions(max_len=max_len, no_repeat_ngram=args.no_repeat_ngram)
     results = [r for r in captioner.caption(paths, options) if r.ok]

@@ -379,7 +379,7 @@ def pics(tmp_path) -> Path:
 
 
 def load(path: Path, images: Path):
-    return {s.image_path.name: s for s in load_dataset(captions_file=path, images_dir=images).samples}
+    return {s.image.name: s for s in load_dataset(captions_file=path, images_dir=images).samples}
 
 
 def test_bom_crlf_blank_lines_quotes_and_whitespace(tmp_path, pics):

@@ -44,7 +44,7 @@ def write_csv(path: Path, rows, header=("image", "caption")) -> Path:
 
 
 def by_name(samples):
-    return {s.image_path.name: s for s in samples}
+    return {s.image.name: s for s in samples}
 
 
 # --------------------------------------------------------------------------- Kaggle Flickr8k
@@ -67,13 +67,13 @@ def test_kaggle_layout_samples_captions_and_quoted_commas(kaggle):
     samples = load_dataset(kaggle).samples
     assert len(samples) == 6
     assert all(len(s.captions) == 5 for s in samples)
-    assert all(s.image_path.parent == kaggle / "Images" for s in samples)
+    assert all(s.image.parent == kaggle / "Images" for s in samples)
     img0 = by_name(samples)["img0.jpg"]
     assert img0.captions[0] == "A dog, running, on grass ."  # not cut at the commas
     assert img0.captions[1] == 'He said "hi", then left'
     # No split of its own: the name-hash split, the same for every caption of an image.
-    assert all(s.split == hash_split(s.image_path.name) for s in samples)
-    assert len({s.image_path for s in samples}) == len(samples)
+    assert all(s.split == hash_split(s.image.name) for s in samples)
+    assert len({s.image for s in samples}) == len(samples)
 
 
 def test_kaggle_captions_file_on_disk_is_quoted(kaggle):
@@ -87,7 +87,7 @@ def test_kaggle_lowercase_images_folder(tmp_path):
     tiny_image(root / "images" / "a.png")
     write_csv(root / "captions.txt", [("a.png", "a red square")])
     (sample,) = load_dataset(root).samples
-    assert sample.image_path == root / "images" / "a.png"
+    assert sample.image == root / "images" / "a.png"
     assert sample.captions == ("a red square",)
 
 
@@ -113,12 +113,12 @@ def make_flickr8k_original(root: Path, *, subfolder: bool, split_files: bool) ->
 def test_flickr8k_original_official_split(tmp_path, subfolder, caplog):
     root = make_flickr8k_original(tmp_path / "f8k", subfolder=subfolder, split_files=True)
     samples = load_dataset(root).samples
-    got = {s.image_path.name: s.split for s in samples}
+    got = {s.image.name: s.split for s in samples}
     assert got == {"1000_abc.jpg": "train", "1001_abc.jpg": "train", "1002_abc.jpg": "train",
                    "1003_abc.jpg": "val", "1004_abc.jpg": "test", "1005_abc.jpg": "test"}
     s = by_name(samples)["1004_abc.jpg"]
     assert s.captions == tuple(f"{'A' if j % 2 else 'a'} picture number 4 , take {j} ." for j in range(5))
-    assert s.image_path.parent == root / "Flicker8k_Dataset"
+    assert s.image.parent == root / "Flicker8k_Dataset"
     # 1007 is listed (test) but not on disk: its 5 captions are skipped with one warning.
     assert [m for m in warnings_of(caplog) if "not found on disk" in m] == [
         f"{root / 'Flickr8k_text' if subfolder else root}/Flickr8k.token.txt: skipped 5 captions of 1 image not found on disk"
@@ -130,7 +130,7 @@ def test_flickr8k_original_without_split_files_uses_hash_split(tmp_path):
     samples = load_dataset(root).samples
     assert len(samples) == 7  # all on-disk images, none left out
     assert all(len(s.captions) == 5 for s in samples)
-    assert all(s.split == hash_split(s.image_path.name) for s in samples)
+    assert all(s.split == hash_split(s.image.name) for s in samples)
 
 
 def test_flickr8k_token_line_without_tab_is_an_error_naming_the_line(tmp_path):
@@ -171,7 +171,7 @@ def test_karpathy_coco_filepath(tmp_path):
     ]}
     (root / "dataset_coco.json").write_text(json.dumps(data))
     samples = by_name(load_dataset(root).samples)
-    assert samples["COCO_val2014_1.jpg"].image_path == root / "val2014" / "COCO_val2014_1.jpg"
+    assert samples["COCO_val2014_1.jpg"].image == root / "val2014" / "COCO_val2014_1.jpg"
     assert samples["COCO_val2014_1.jpg"].split == "test"
     assert samples["COCO_train2014_2.jpg"].split == "train"
 
@@ -201,10 +201,10 @@ def test_coco_caption_annotations(tmp_path, caplog):
     samples = load_dataset(root).samples
     assert len(samples) == 23
     assert all(len(s.captions) == 2 for s in samples)
-    train = {s.image_path.name for s in samples if s.split == "train"}
+    train = {s.image.name for s in samples if s.split == "train"}
     assert train == {f"COCO_train2014_{i:012d}.jpg" for i in (1, 2, 3)}
-    val_file = [s for s in samples if "val2014" in s.image_path.name]
-    assert all(s.image_path.parent == root / "val2014" for s in val_file)
+    val_file = [s for s in samples if "val2014" in s.image.name]
+    assert all(s.image.parent == root / "val2014" for s in val_file)
     # The val file is cut in two by name hash: both halves non-empty over 20 images.
     assert {s.split for s in val_file} == {"val", "test"}
     assert sum("skipped 1 caption of unknown image ids" in m for m in warnings_of(caplog)) == 2
@@ -250,7 +250,7 @@ def test_generic_images_default_to_the_caption_files_folder(tmp_path):
     tiny_image(tmp_path / "a.png")
     write_csv(tmp_path / "caps.csv", [("a.png", "a thing")])
     (sample,) = load_dataset(captions_file=tmp_path / "caps.csv").samples
-    assert sample.image_path == tmp_path / "a.png"
+    assert sample.image == tmp_path / "a.png"
 
 
 def test_flickr_token_file_through_captions_option(tmp_path):
@@ -297,7 +297,7 @@ def test_hash_split_depends_on_the_name_not_the_folder(tmp_path):
         write_csv(tmp_path / f"{folder}.csv", [(f"p{k}.png", f"c{k}") for k in range(30)])
     a = load_dataset(captions_file=tmp_path / "one.csv", images_dir=tmp_path / "one").samples
     b = load_dataset(captions_file=tmp_path / "two.csv", images_dir=tmp_path / "two").samples
-    assert [(s.image_path.name, s.split) for s in a] == [(s.image_path.name, s.split) for s in b]
+    assert [(s.image.name, s.split) for s in a] == [(s.image.name, s.split) for s in b]
 
 
 def test_configurable_split_keeps_all_captions_of_an_image_together(tmp_path):
@@ -309,10 +309,10 @@ def test_configurable_split_keeps_all_captions_of_an_image_together(tmp_path):
     samples = load_dataset(captions_file=tmp_path / "c.csv", images_dir=tmp_path / "i",
                            split_ratios=parse_split_ratios("50/50/0")).samples
     assert len(samples) == 60 and all(len(s.captions) == 3 for s in samples)
-    assert len({s.image_path for s in samples}) == 60  # each image once: its captions stay together
+    assert len({s.image for s in samples}) == 60  # each image once: its captions stay together
     counts = split_counts(samples)
     assert counts["test"] == 0 and counts["train"] > 10 and counts["val"] > 10
-    assert all(s.split == hash_split(s.image_path.name, (0.5, 0.5, 0.0)) for s in samples)
+    assert all(s.split == hash_split(s.image.name, (0.5, 0.5, 0.0)) for s in samples)
 
 
 @pytest.mark.parametrize("text,expected", [("90/5/5", (0.9, 0.05, 0.05)), ("0.8,0.2,0", (0.8, 0.2, 0.0)), ("8:1:1", (0.8, 0.1, 0.1))])
@@ -334,7 +334,7 @@ def test_missing_images_skipped_with_one_warning_that_counts(tmp_path, caplog):
     write_csv(tmp_path / "c.csv", rows)
     with caplog.at_level(logging.WARNING, logger="capcli"):
         samples = load_dataset(captions_file=tmp_path / "c.csv", images_dir=tmp_path / "i").samples
-    assert [s.image_path.name for s in samples] == ["here.png"]
+    assert [s.image.name for s in samples] == ["here.png"]
     assert warnings_of(caplog) == [f"{tmp_path / 'c.csv'}: skipped 6 captions of 3 images not found on disk"]
 
 
@@ -356,7 +356,7 @@ def test_captions_without_images_say_where_they_looked_and_data_given_a_file(tmp
     write_csv(tmp_path / "c.csv", [("a.png", "a red square")])
     with pytest.raises(CapcliError, match=r"looked for .*/a\.png and the others in " + str(tmp_path) + ";"):
         load_dataset(captions_file=tmp_path / "c.csv")
-    assert [s.image_path.name for s in load_dataset(captions_file=tmp_path / "c.csv", images_dir=tmp_path / "pics").samples] == ["a.png"]
+    assert [s.image.name for s in load_dataset(captions_file=tmp_path / "c.csv", images_dir=tmp_path / "pics").samples] == ["a.png"]
     with pytest.raises(CapcliError) as e:
         load_dataset(tmp_path / "c.csv")
     assert str(e.value) == (f"{tmp_path / 'c.csv'}: is a file, --data takes a dataset folder (for a caption file: "
@@ -399,5 +399,5 @@ def test_flickr8k_mini(mini_dir):
     assert all(len(s.captions) == 5 for s in samples)
     counts = split_counts(samples)
     assert counts["train"] > 650 and counts["val"] > 10 and counts["test"] > 10
-    assert all(s.split == hash_split(s.image_path.name) for s in samples)
+    assert all(s.split == hash_split(s.image.name) for s in samples)
 

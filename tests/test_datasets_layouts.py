@@ -108,11 +108,11 @@ def test_coco_2014_and_2017_together_use_2014_only(tmp_path, caplog):
     write_coco(root, "train2017", ["000000000001.jpg", "000000000002.jpg", "000000000003.jpg"])
     write_coco(root, "val2017", ["000000000004.jpg"])
     dataset = load(caplog, root)
-    assert sorted(s.image_path.name for s in dataset.samples) == [
+    assert sorted(s.image.name for s in dataset.samples) == [
         "COCO_train2014_000000000001.jpg", "COCO_train2014_000000000002.jpg",
         "COCO_val2014_000000000003.jpg", "COCO_val2014_000000000004.jpg"]
-    assert all(s.split == "train" for s in dataset.samples if "train2014" in s.image_path.name)
-    assert all(s.split in ("val", "test") for s in dataset.samples if "val2014" in s.image_path.name)
+    assert all(s.split == "train" for s in dataset.samples if "train2014" in s.image.name)
+    assert all(s.split in ("val", "test") for s in dataset.samples if "val2014" in s.image.name)
     assert dataset.layout == "COCO 2014 annotations"
     assert dataset.split_source == "COCO: train2014 -> train, val2014 -> half val / half test by name hash"
     assert warnings_of(caplog) == [
@@ -165,7 +165,7 @@ def test_flickr8k_all_split_files_leave_unlisted_images_out_and_count_them(tmp_p
 def test_flickr8k_only_the_test_file_sends_the_other_images_to_train_and_val_by_hash(tmp_path, caplog):
     root = make_flickr8k(tmp_path / "f8k", {"Flickr_8k.testImages.txt": NAMES[:5]})
     dataset = load(caplog, root)
-    got = {s.image_path.name: s.split for s in dataset.samples}
+    got = {s.image.name: s.split for s in dataset.samples}
     assert len(got) == 40 and all(got[n] == "test" for n in NAMES[:5])
     # 90/5/5 restricted to the splits without a file: train and val by 90:5.
     assert all(got[n] == hash_split(n, (0.9 / 0.95, 0.05 / 0.95, 0.0)) for n in NAMES[5:])

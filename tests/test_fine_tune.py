@@ -89,7 +89,7 @@ def test_the_cached_lower_part_gives_the_loss_of_the_whole_encoder(tmp_path, few
     batch = xe.batches(torch.Generator().manual_seed(1))[0]
     torch.manual_seed(0)  # the same dropout both times
     cached, _ = xe.step(batch)
-    paths = [s.image_path for s in trainer.train_samples + trainer.val_samples]
+    paths = [s.image for s in trainer.train_samples + trainer.val_samples]
     whole = EncodedImages(trainer.model.encoder, paths, trainer.model.cfg, trainer.device, 1)
     run = dataclasses.replace(xe.run, net=TrainNet(trainer.model, whole.top_blocks), source=whole)
     torch.manual_seed(0)

@@ -133,7 +133,7 @@ def test_unreadable_images_are_skipped_or_stop_training(tmp_path, shapes_dir):
     from capcli.data.datasets import load_dataset
 
     train_images = [s for s in load_dataset(data, split_ratios=(0.8, 0.2, 0.0)).samples if s.split == "train"]
-    bad_in_train = any(s.image_path.name == "red_square_0.png" for s in train_images)
+    bad_in_train = any(s.image.name == "red_square_0.png" for s in train_images)
     expected = 5 * (len(train_images) - bad_in_train)  # five captions per image, none of the bad one
     assert model_files.load_model(run / "best.safetensors").training["train_captions"] == expected
 

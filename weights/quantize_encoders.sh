@@ -22,9 +22,9 @@ data, ratios, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 out.mkdir(parents=True, exist_ok=True)
 samples = load_dataset(data, split_ratios=parse_split_ratios(ratios) if ratios != "own" else None).samples
 for s in samples:
-    link = out / s.image_path.name
+    link = out / s.image.name
     if s.split == "train" and not link.exists():
-        os.symlink(s.image_path.resolve(), link)
+        os.symlink(s.image.resolve(), link)
 PY
 }
 

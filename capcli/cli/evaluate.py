@@ -100,7 +100,7 @@ def evaluate(
     for note in notes:
         log.warning("%s", note)
     if save is not None:
-        refs = {str(s.image_path): list(s.captions) for s in chosen}
+        refs = {str(s.image): list(s.captions) for s in chosen}
         lines = [json.dumps({"path": r.path, "caption": r.caption, "references": refs[r.path]} if r.ok
                             else {"path": r.path, "error": r.error}, ensure_ascii=False) for r in results]
         atomic_write_bytes(save, ("\n".join(lines) + "\n").encode())

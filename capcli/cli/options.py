@@ -40,8 +40,8 @@ SplitName = _choice("SplitName", SPLITS)
 DATA, VOCAB, MODEL, RUN, OPTIM = "Data", "Vocabulary", "Model", "Run", "Optimisation"
 SCST = "Self-critical training"
 INPUT, DECODING, OUTPUT, PERFORMANCE = "Input", "Decoding", "Output", "Performance"
-DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder (Flickr8k, Karpathy JSON, COCO).", rich_help_panel=DATA)]
-CaptionsOpt = Annotated[Optional[Path], typer.Option("--captions", help="Caption file (CSV, TSV, JSONL) instead of --data.", rich_help_panel=DATA)]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", "-d", help="Dataset folder (Flickr8k, Karpathy JSON, COCO; molecules.csv: molecules drawn on the fly).", rich_help_panel=DATA)]
+CaptionsOpt = Annotated[Optional[Path], typer.Option("--captions", help="Caption file (CSV, TSV, JSONL) instead of --data; a CSV with a smiles column lists molecules to draw.", rich_help_panel=DATA)]
 ImagesOpt = Annotated[Optional[Path], typer.Option("--images", help="Image folder for --captions (default: its folder).", rich_help_panel=DATA)]
 SplitOpt = Annotated[Optional[str], typer.Option("--split-ratios", help="Train/val/test percentages of a hash split (default 90/5/5) for data without its own split.", rich_help_panel=DATA)]
 

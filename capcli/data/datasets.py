@@ -1,4 +1,4 @@
-"""Datasets on disk -> ``Sample(image_path, captions, split)``: layouts, caption tables, splits.
+"""Datasets on disk -> ``Sample(image, captions, split)``: layouts, caption tables, splits.
 
 Layouts are recognised by what the data folder holds (see ``load_dataset``). Every caption of an
 image lands in the same split: the dataset's own split where it has one, otherwise a split by a
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from capcli.data.drawings import DRAWING_TABLE, Drawing, read_drawing_table, require_rdkit
 from capcli.data.splits import (
     DEFAULT_SPLIT,
     SPLITS,
@@ -23,6 +24,7 @@ from capcli.data.splits import (
     parse_split_ratios,
 )
 from capcli.data.tables import (
+    IMAGE_COLUMNS,
     _open_text,
     _text,
     read_caption_table,
@@ -35,7 +37,7 @@ log = logging.getLogger("capcli")
 
 @dataclass(frozen=True)
 class Sample:
-    image_path: Path
+    image: Path | Drawing  # an image file, or a molecule drawn when loaded (data.drawings)
     captions: tuple[str, ...]
     split: str  # "train" | "val" | "test"
 
@@ -142,10 +144,38 @@ def _assemble(
         raise CapcliError(f"{source}: no usable captions: none of the {missing_images} images they name is on disk "
                           f"(looked for {first_missing} and the others in {first_missing.parent}; --images DIR "
                           f"says where they are)")
-    samples.sort(key=lambda s: str(s.image_path))
+    samples.sort(key=lambda s: str(s.image))
     by_hash = f"hash {_ratio_text(ratios)} of image names"
     split_source = own_split if hashed == 0 else by_hash if hashed == len(samples) else f"{own_split}; images without one: {by_hash}"
     return Dataset(samples, layout, split_source, hashed, dropped)
+
+
+def _lists_drawings(text: str) -> bool:
+    """A CSV whose header has a ``smiles`` column and no image column lists molecules to draw."""
+    header = {c.strip().lower() for c in text.split("\n", 1)[0].split(",")}
+    return "smiles" in header and not header & set(IMAGE_COLUMNS)
+
+
+def _load_drawings(table: Path, text: str, ratios: Sequence[float]) -> Dataset:
+    """A table of molecules drawn when loaded (data.drawings): one image and one caption per row."""
+    require_rdkit(str(table))
+    samples, unknown, hashed = [], Counter(), 0
+    for drawing, split in read_drawing_table(table, text):
+        split = _SPLIT_ALIASES.get(split.lower(), split.lower()) if split else None
+        if split not in SPLITS:
+            if split is not None:
+                unknown[split] += 1
+            split = hash_split(drawing.smiles, ratios)  # by molecule: its drawings all land in one split
+            hashed += 1
+        samples.append(Sample(drawing, (drawing.smiles,), split))
+    if unknown:
+        names = ", ".join(repr(k) for k in sorted(unknown))
+        log.warning("%s: %s with an unknown split (%s) split by a hash of the SMILES instead", table,
+                    _plural(sum(unknown.values()), "drawing"), names)
+    by_hash = f"hash {_ratio_text(ratios)} of the SMILES"
+    own = "the file's split column"
+    split_source = own if hashed == 0 else by_hash if hashed == len(samples) else f"{own}; drawings without one: {by_hash}"
+    return Dataset(samples, f"molecules drawn on the fly ({table.name})", split_source, hashed)
 
 
 def _find(root: Path, names: Sequence[str]) -> Path | None:
@@ -173,21 +203,25 @@ def load_dataset(
       1. Karpathy split JSON: dataset_flickr8k.json / dataset_flickr30k.json / dataset_coco.json
       2. COCO caption annotations: annotations/captions_{train,val}{2014,2017}.json + image folders
       3. Original Flickr8k: Flickr8k.token.txt (+ Flickr_8k.{train,dev,test}Images.txt), Flicker8k_Dataset/
-      4. Kaggle Flickr8k: captions.txt + Images/
-      5. Generic: ``captions_file`` (CSV, TSV, JSONL) + ``images_dir``
+      4. Molecules drawn on the fly: molecules.csv (data.drawings), or a ``captions_file`` like it
+      5. Kaggle Flickr8k: captions.txt + Images/
+      6. Generic: ``captions_file`` (CSV, TSV, JSONL) + ``images_dir``
     ``split_ratios`` (train, val, test; None: 90/5/5) split the images the data gives no split, by
     name hash. Logs one line saying what was found.
     """
     ratios = DEFAULT_SPLIT if split_ratios is None else tuple(split_ratios)
     if captions_file is not None:
         captions_file = Path(captions_file)
-        images = Path(images_dir) if images_dir is not None else captions_file.parent
-        if not images.is_dir():
-            raise CapcliError(f"{images}: image folder not found")
-        rows = read_caption_table(captions_file)
-        source = str(captions_file)
-        dataset = _assemble(((images / r.image, r.caption, r.split) for r in rows), ratios, source,
-                            f"caption file {captions_file.name}", "the file's split column")
+        source, text = str(captions_file), _open_text(captions_file)
+        if _lists_drawings(text):
+            dataset = _load_drawings(captions_file, text, ratios)
+        else:
+            images = Path(images_dir) if images_dir is not None else captions_file.parent
+            if not images.is_dir():
+                raise CapcliError(f"{images}: image folder not found")
+            rows = read_caption_table(captions_file, text)
+            dataset = _assemble(((images / r.image, r.caption, r.split) for r in rows), ratios, source,
+                                f"caption file {captions_file.name}", "the file's split column")
     else:
         if data_dir is None:
             raise CapcliError("give --data DIR, or --captions FILE with --images DIR")
@@ -213,6 +247,9 @@ def _load_folder(root: Path, images: Path | None, ratios: Sequence[float]) -> Da
         return _load_coco(coco, root, images, ratios)
     if token := _find(root, ("Flickr8k.token.txt",)):
         return _load_flickr8k_original(token, root, images, ratios)
+    if (root / DRAWING_TABLE).is_file():
+        table = root / DRAWING_TABLE
+        return _load_drawings(table, _open_text(table), ratios)
     if (root / "captions.txt").is_file():
         images = images or _first_dir(root, ("Images", "images")) or root
         rows = read_caption_table(root / "captions.txt")
@@ -370,7 +407,7 @@ def _load_flickr8k_original(token: Path, root: Path, images: Path | None, ratios
             own += f"; images in none of them: hash {shares} of image names into {'/'.join(into)}"
     dataset = _assemble(entries(), ratios, str(token), layout, own)
     if rest is not None:  # the unlisted images were split by hash, here rather than in _assemble
-        dataset.hashed = sum(s.image_path.name in unlisted for s in dataset.samples)
+        dataset.hashed = sum(s.image.name in unlisted for s in dataset.samples)
     elif unlisted:
         log.warning("%s: left out %s that no split file lists (as in the papers)", token, _plural(len(unlisted), "image"))
         dataset.dropped.append(f"{_plural(len(unlisted), 'image')} in no split file")

@@ -1,4 +1,4 @@
-"""Image files and URLs -> upright RGB pictures -> pixels, and threaded batch loading in input order.
+"""Image files, URLs and molecule drawings -> upright RGB pictures -> pixels, and threaded batch loading in input order.
 
 Loader threads only decode and resize with Pillow; normalising happens per batch in the caller
 (``normalize_pixels``), see ``image_batches`` for why. Downloads are data.urls's work, which files
@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from capcli.data.drawings import Drawing, DrawingError
 from capcli.data.urls import DownloadError, fetch_url, is_url
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -37,9 +38,9 @@ class ImageError(Exception):
     """One image could not be used; the message says why (shown as ``capcli: PATH: reason``)."""
 
 
-def load_image(source: str | Path, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+def load_image(source: str | Path | Drawing, draft_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
     """Open an image file or http(s) URL as an RGB PIL image, whatever its mode, orientation or
-    frame count.
+    frame count; or draw a molecule ``Drawing``.
 
     EXIF orientation is applied; grayscale, CMYK, palette, 16-bit and alpha images become RGB
     (transparency composited on white); animated images give their first frame. JPEGs are decoded
@@ -51,6 +52,11 @@ def load_image(source: str | Path, draft_size: int | None = None, max_pixels: in
     """
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(source, Drawing):
+        try:
+            return source.render()
+        except DrawingError as e:
+            raise ImageError(str(e)) from None
     fp = None
     try:
         if is_url(source):

@@ -17,7 +17,7 @@ from capcli.errors import CapcliError
 from capcli.files import FileProblem, parse_json
 
 # Column names accepted in generic caption files (first match wins).
-_IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name", "file", "image_path", "path", "img")
+IMAGE_COLUMNS = ("image", "image_name", "filename", "file_name", "file", "image_path", "path", "img")
 
 
 _CAPTION_COLUMNS = ("caption", "text", "sentence", "comment", "raw", "description")
@@ -87,14 +87,15 @@ def _image_key(text: str) -> str:
     return stripped if Path(stripped).suffix.lower() in IMAGE_SUFFIXES else text
 
 
-def read_caption_table(path: Path) -> list[_Row]:
+def read_caption_table(path: Path, text: str | None = None) -> list[_Row]:
     """Read a CSV, TSV or JSONL caption file into rows of (image, caption, split, line number).
 
     CSV follows RFC 4180 (quoted fields may hold commas, doubled quotes and newlines); a header
     row names the columns, or, when the first field of the first row looks like an image file
-    name, the file has no header and the columns are image, caption.
+    name, the file has no header and the columns are image, caption. ``text``: the file's text,
+    when the caller has read it already (a pipe can be read only once).
     """
-    text = _open_text(path)
+    text = _open_text(path) if text is None else text
     if path.suffix.lower() in (".jsonl", ".ndjson") or (path.suffix.lower() == ".json" and text.lstrip()[:1] == "{"):
         return _read_jsonl(path, text)
     first_line = text.split("\n", 1)[0]
@@ -123,7 +124,7 @@ def read_caption_table(path: Path) -> list[_Row]:
         if not record or all(not f.strip() for f in record):
             continue  # blank line
         if columns is None:
-            img, cap = _pick(record, _IMAGE_COLUMNS), _pick(record, _CAPTION_COLUMNS)
+            img, cap = _pick(record, IMAGE_COLUMNS), _pick(record, _CAPTION_COLUMNS)
             if img is not None and cap is not None:
                 columns, width = (img, cap, _pick(record, ("split",))), len(record)
                 continue  # that was the header
@@ -173,7 +174,7 @@ def _read_jsonl(path: Path, text: str) -> list[_Row]:
             raise CapcliError(str(e)) from None
         if not isinstance(obj, dict):
             raise CapcliError(f"{path}:{line}: expected a JSON object per line")
-        img = next((obj[k] for k in _IMAGE_COLUMNS if k in obj), None)
+        img = next((obj[k] for k in IMAGE_COLUMNS if k in obj), None)
         cap = next((obj[k] for k in _CAPTION_COLUMNS if k in obj), None)
         if img is None or cap is None:
             found = ", ".join(k if k.isprintable() else shown(k) for k in list(obj)[:6])

@@ -18,9 +18,9 @@ def evaluate_model(captioner, samples, options, batch_size: int = 32, tokenizer:
     more than ``max_pixels`` pixels are refused as unreadable (0: no limit).
     """
     references, candidates, results, failed = {}, {}, [], []
-    by_path = {str(s.image_path): s for s in samples}
+    by_path = {str(s.image): s for s in samples}
     options = dataclasses.replace(options, nbest=1)
-    for r in captioner.caption_stream([s.image_path for s in samples], options, batch_size, max_pixels=max_pixels):
+    for r in captioner.caption_stream([s.image for s in samples], options, batch_size, max_pixels=max_pixels):
         results.append(r)
         if on_result is not None:
             on_result(r)

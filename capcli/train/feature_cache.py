@@ -338,6 +338,6 @@ def cache_key(cfg: ModelConfig, weights_source: str, precision: str, paths: Sequ
     if fine_tune_blocks:  # not for 0: the frozen caches of earlier runs keep their name
         settings.append({"below_top_blocks": fine_tune_blocks})
     h.update(json.dumps(settings).encode())
-    for p in paths:
-        h.update(str(p).encode() + b"\0")
+    for p in paths:  # a drawing by what is drawn (its repr), not only by its name
+        h.update((str(p) if isinstance(p, Path) else repr(p)).encode() + b"\0")
     return h.hexdigest()[:16]

@@ -143,7 +143,7 @@ class Run:
         self.val_samples = [s for s in samples if s.split == "val"]
         if not self.val_samples:
             log.warning("no validation images: the best model is chosen by training loss")
-        self.source = self._feature_source([s.image_path for s in self.train_samples + self.val_samples])
+        self.source = self._feature_source([s.image for s in self.train_samples + self.val_samples])
         self.bad_reported = len(self.source.bad)  # unreadable images warned about so far
         self.train_set = encode_captions(self.vocab, self.train_samples, 0, self.source.bad)
         self.val_set = encode_captions(self.vocab, self.val_samples, len(self.train_samples), self.source.bad)

@@ -2,7 +2,7 @@
 
     python examples/molecules/make_dataset.py SMILES_CSV OUT_DIR [--size 300] [--variants K]
         [--val 0.05] [--test 0.05] [--test-sizes 224,500] [--brics N] [--moses N [--moses-file F]]
-        [--seed 0] [--workers 2]
+        [--seed 0] [--workers 2] [--table]
 
 SMILES_CSV has a `smiles` column (or is a single column without header). Writes OUT_DIR/Images/*.png
 and OUT_DIR/captions.txt (CSV: image,caption,split; caption = RDKit canonical SMILES). The split is
@@ -14,8 +14,12 @@ fragments of the train molecules. --moses N adds N train-only molecules drawn fr
 drug-like ZINC molecules, the `train.csv.gz` inside the `molsets` wheel: `pip install --no-deps
 molsets`, whose pinned dependencies need not be installed, or --moses-file PATH to that .csv.gz or
 to the wheel itself); a MOSES molecule that is one of SMILES_CSV's val or test molecules (by
-canonical SMILES, with and without stereo) is never drawn. Same arguments -> same files. Needs only
-numpy, Pillow, rdkit.
+canonical SMILES, with and without stereo) is never drawn. Same arguments -> same files.
+
+--table writes no images: OUT_DIR/molecules.csv lists each drawing (name, smiles, split, size,
+augment) and capcli draws it when it is needed, the same picture as the file would hold (see
+capcli.data.drawings); the extra test sizes go to OUT_DIR/molecules_test_SIZE.csv. For 10^5-10^6
+drawings, which would be as many files. Needs capcli and RDKit (pip install -e '.[chem]').
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import itertools
 import os
 import random
@@ -34,14 +37,12 @@ from importlib.util import find_spec
 from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageFilter
 from rdkit import Chem, RDLogger
-from rdkit.Chem import BRICS, Draw, rdDepictor
-from rdkit.Chem.Draw import rdMolDraw2D
+from rdkit.Chem import BRICS
+
+from capcli.data.drawings import DRAWING_TABLE, Drawing
 
 RDLogger.DisableLog("rdApp.*")  # thousands of parse/sanitize warnings would drown the progress lines
-HAS_COORDGEN = hasattr(rdDepictor, "SetPreferCoordGen")
 
 
 def key_int(text: str) -> int:
@@ -66,60 +67,10 @@ def read_smiles(path: str) -> list[str]:
     return [r[0] for r in rows]  # one column, no header
 
 
-def default_depiction(smiles: str, size: int) -> Image.Image:
-    mol = Chem.MolFromSmiles(smiles)
-    if HAS_COORDGEN:
-        rdDepictor.SetPreferCoordGen(False)  # a global: an augmented render in this worker may have set it
-    return Draw.MolToImage(mol, size=(size, size))
-
-
-def augmented(smiles: str, key: int) -> Image.Image:
-    """One randomized drawing of the molecule; the molecule itself (and so its caption) is unchanged."""
-    rng, nrng = random.Random(key), np.random.default_rng(key)
-    mol = Chem.MolFromSmiles(smiles)
-    if rng.random() < 0.6:
-        # The depictor's layout depends on atom order: a random renumbering (same molecule, same
-        # canonical SMILES) and sometimes CoordGen instead of RDKit's own depictor vary the layout.
-        mol = Chem.RenumberAtoms(mol, rng.sample(range(mol.GetNumAtoms()), mol.GetNumAtoms()))
-        if HAS_COORDGEN:
-            rdDepictor.SetPreferCoordGen(rng.random() < 0.5)
-        rdDepictor.Compute2DCoords(mol, canonOrient=rng.random() < 0.5)
-    elif HAS_COORDGEN:
-        rdDepictor.SetPreferCoordGen(False)
-    w = h = rng.randint(200, 520)
-    if rng.random() < 0.3:  # not always square
-        h = max(200, min(520, int(w * rng.uniform(0.75, 1.33))))
-    d = rdMolDraw2D.MolDraw2DCairo(w, h)
-    o = d.drawOptions()
-    o.rotate = rng.uniform(0, 360)
-    o.bondLineWidth = rng.uniform(1, 4)
-    o.minFontSize = rng.randint(6, 12)  # floor/ceiling on label size in pixels (defaults 6 and 40)
-    o.maxFontSize = rng.randint(20, 40)
-    o.baseFontSize = rng.uniform(0.45, 0.9)  # label size relative to bond length
-    o.padding = rng.uniform(0.02, 0.12)  # varies how much of the canvas the molecule fills
-    o.multipleBondOffset = rng.uniform(0.1, 0.2)
-    if rng.random() < 0.3:
-        o.useBWAtomPalette()
-    rdMolDraw2D.PrepareAndDrawMolecule(d, mol)
-    d.FinishDrawing()
-    img = Image.open(io.BytesIO(d.GetDrawingText())).convert("RGB")
-    if rng.random() < 0.2:  # a slightly soft image: blur, or detail lost to a downscale
-        if rng.random() < 0.5:
-            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0)))
-        else:
-            f = rng.uniform(0.5, 0.8)
-            img = img.resize((int(w * f), int(h * f)), Image.BILINEAR).resize((w, h), Image.BILINEAR)
-    if rng.random() < 0.3:
-        a = np.asarray(img, dtype=np.float32) + nrng.normal(0, rng.uniform(5, 15), (h, w, 1))
-        img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    return img
-
-
 def render(task: tuple[str, str, int, int | None]) -> str:
     """Worker: (path, smiles, size, augmentation key or None) -> path written."""
     path, smiles, size, key = task
-    img = default_depiction(smiles, size) if key is None else augmented(smiles, key)
-    img.save(path)
+    Drawing(path, smiles, size, key).render().save(path)
     return path
 
 
@@ -215,13 +166,19 @@ def moses_molecules(n: int, path: str | None, held_out: set[str], taken: set[str
     return made, refused
 
 
-def write_csv(path: Path, rows: list[tuple[str, str, str]]) -> None:
+def write_csv(path: Path, rows: list[tuple], header: tuple[str, ...] = ("image", "caption", "split")) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)  # QUOTE_MINIMAL: a SMILES never has a comma, but quote if one ever does
-        w.writerow(["image", "caption", "split"])
+        w.writerow(header)
         w.writerows(rows)
     os.replace(tmp, path)  # an interrupted run never leaves a half-written caption file
+
+
+def write_table(path: Path, drawings: list[tuple[str, str, str, int, int | None]]) -> None:
+    """A table of drawings (capcli.data.drawings): named as their files would be, without .png."""
+    write_csv(path, [(name.removesuffix(".png"), smi, sp, size, "" if key is None else key) for name, smi, sp, size, key in drawings],
+              ("name", "smiles", "split", "size", "augment"))
 
 
 def main() -> None:
@@ -238,6 +195,7 @@ def main() -> None:
     ap.add_argument("--moses-file", default=None, help="MOSES's train.csv.gz, or the molsets wheel (default: the installed molsets)")
     ap.add_argument("--seed", type=int, default=0, help="seed for augmentation, BRICS and MOSES (not the split)")
     ap.add_argument("--workers", type=int, default=2, help="rendering processes (default 2)")
+    ap.add_argument("--table", action="store_true", help=f"write {DRAWING_TABLE}, what to draw, instead of drawing Images/: capcli draws each when it is needed")
     args = ap.parse_args()
     if args.variants < 1 or not (0 <= args.val and 0 <= args.test and args.val + args.test <= 1):
         ap.error("need --variants >= 1, --val/--test >= 0 summing to at most 1")
@@ -265,45 +223,53 @@ def main() -> None:
         moses, refused = moses_molecules(args.moses, args.moses_file, held_out, seen | set(brics), args.seed)
 
     out, images = Path(args.out_dir), Path(args.out_dir) / "Images"
-    images.mkdir(parents=True, exist_ok=True)
-    tasks, rows, size_rows = [], [], []  # tasks: (path, smiles, size, augmentation key or None)
+    out.mkdir(parents=True, exist_ok=True)
+    # What to draw, in the order of the files: (image file name, SMILES, split, size, augmentation key or None)
+    drawings: list[tuple[str, str, str, int, int | None]] = []
 
     def add_train(prefix: str, i: int, smi: str) -> None:
         for k in range(args.variants):
             name = f"{prefix}{i:05d}_v{k}.png"
-            tasks.append((str(images / name), smi, args.size, None if k == 0 else key_int(f"{args.seed}|{name}")))
-            rows.append((name, smi, "train"))
+            drawings.append((name, smi, "train", args.size, None if k == 0 else key_int(f"{args.seed}|{name}")))
 
     for i, (smi, sp) in enumerate(zip(canon, splits)):
         if sp == "train":
             add_train("m", i, smi)
             continue
-        for size in [args.size] + (test_sizes if sp == "test" else []):
-            name = f"m{i:05d}_s{size}.png"
-            tasks.append((str(images / name), smi, size, None))
-            (rows if size == args.size else size_rows).append((name, smi, sp))
+        for size in dict.fromkeys([args.size] + (test_sizes if sp == "test" else [])):
+            drawings.append((f"m{i:05d}_s{size}.png", smi, sp, size, None))
     for i, smi in enumerate(brics):
         add_train("b", i, smi)
     for i, smi in enumerate(moses):
         add_train("z", i, smi)
+    by_size = {size: [d for d in drawings if d[3] == size and d[2] == "test"] for size in test_sizes if size != args.size}
+    main_rows = [d for d in drawings if d[3] == args.size or d[2] != "test"]
 
-    # Each task carries its own seed, so the files do not depend on --workers or on chunk order.
     t1 = time.time()
-    with Pool(args.workers) if args.workers > 1 else _Serial() as pool:
-        for done, _ in enumerate(pool.imap(render, tasks, chunksize=16), 1):
-            if done % 1000 == 0:
-                print(f"[make_dataset] {done}/{len(tasks)} images, {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
+    if args.table:  # capcli draws each when it is needed; the same drawings as the files would hold
+        write_table(out / DRAWING_TABLE, main_rows)
+        for size, rows in by_size.items():
+            write_table(out / f"molecules_test_{size}.csv", rows)
+        made = f"{len(main_rows)} drawings listed in {DRAWING_TABLE} + {sum(map(len, by_size.values()))} test sizes"
+    else:
+        images.mkdir(exist_ok=True)
+        # Each drawing carries its own seed, so the files do not depend on --workers or on chunk order.
+        tasks = [(str(images / name), smi, size, key) for name, smi, _, size, key in drawings]
+        with Pool(args.workers) if args.workers > 1 else _Serial() as pool:
+            for done, _ in enumerate(pool.imap(render, tasks, chunksize=16), 1):
+                if done % 1000 == 0:
+                    print(f"[make_dataset] {done}/{len(tasks)} images, {time.time() - t1:.0f} s", file=sys.stderr, flush=True)
+        write_csv(out / "captions.txt", [d[:3] for d in main_rows])
+        if by_size:
+            write_csv(out / "captions_test_sizes.csv", [d[:3] for rows in by_size.values() for d in rows])
+        made = (f"images: {len(main_rows)} in captions.txt + {sum(map(len, by_size.values()))} test sizes, "
+                f"{1000 * (time.time() - t1) / max(1, len(tasks)):.1f} ms per image")
     t2 = time.time()
-
-    write_csv(out / "captions.txt", rows)
-    if size_rows:
-        write_csv(out / "captions_test_sizes.csv", size_rows)
     count = {sp: splits.count(sp) for sp in ("train", "val", "test")}
     print(f"[make_dataset] molecules: train {count['train']} + BRICS {len(brics)}/{args.brics} + MOSES "
           f"{len(moses)}/{args.moses} ({refused} val/test molecules passed over), val {count['val']}, "
-          f"test {count['test']}; images: {len(rows)} in captions.txt + {len(size_rows)} test sizes; "
-          f"skipped: {bad} unparsable, {dup} duplicates; {t2 - t0:.1f} s ({t1 - t0:.1f} s parsing/BRICS, "
-          f"{1000 * (t2 - t1) / max(1, len(tasks)):.1f} ms per image)", file=sys.stderr)
+          f"test {count['test']}; {made}; skipped: {bad} unparsable, {dup} duplicates; {t2 - t0:.1f} s "
+          f"({t1 - t0:.1f} s parsing/BRICS)", file=sys.stderr)
 
 
 class _Serial:

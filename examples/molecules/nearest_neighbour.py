@@ -49,13 +49,13 @@ def main() -> None:
     args = ap.parse_args()
     captioner = Captioner.load(args.model, "cpu")
     samples = load_dataset(args.data).samples
-    train = [s for s in samples if s.split == "train" and args.train_pattern in s.image_path.name]
+    train = [s for s in samples if s.split == "train" and args.train_pattern in s.image.name]
     test = load_dataset(captions_file=args.captions, images_dir=args.data / "Images").samples if args.captions else samples
     test = [s for s in test if s.split == "test"]
-    nearest = (mean_features(captioner, [s.image_path for s in test]) @
-               mean_features(captioner, [s.image_path for s in train]).T).argmax(1)  # (n_test,)
-    references = {str(s.image_path): list(s.captions) for s in test}
-    candidates = {str(s.image_path): train[int(j)].captions[0] for s, j in zip(test, nearest)}
+    nearest = (mean_features(captioner, [s.image for s in test]) @
+               mean_features(captioner, [s.image for s in train]).T).argmax(1)  # (n_test,)
+    references = {str(s.image): list(s.captions) for s in test}
+    candidates = {str(s.image): train[int(j)].captions[0] for s, j in zip(test, nearest)}
     scores, notes = score_predictions(references, candidates, captioner.vocab.tokenizer)
     for note in notes:
         print(f"nearest_neighbour: {note}", file=sys.stderr)
