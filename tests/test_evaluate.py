@@ -66,6 +66,21 @@ def test_evaluate_command_json_and_saved_captions(trained_model, shapes_dir, tmp
     assert table.exit_code == 0 and "BLEU-4" in table.stdout and "CIDEr" in table.stdout
 
 
+def test_saved_captions_keep_a_data_folder_name_that_is_not_utf8(trained_model, shapes_dir, tmp_path, no_java):
+    import os
+    import shutil
+
+    folder = tmp_path / os.fsdecode(b"shapes-\xff")  # a name Linux allows, not UTF-8
+    shutil.copytree(shapes_dir, folder)
+    saved = tmp_path / "captions.jsonl"
+    result = CliRunner().invoke(app, ["evaluate", "--data", str(folder), "-m", str(trained_model), "--split", "val",
+                                      "--save", str(saved), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in saved.read_bytes().decode().splitlines()]  # UTF-8, \udcff escaped
+    assert rows and all(os.fsencode(r["path"]).startswith(os.fsencode(folder) + b"/") for r in rows)
+    assert all(os.path.isfile(r["path"]) for r in rows)  # each path names its image again
+
+
 def test_evaluate_uses_the_split_the_model_was_trained_with(trained_model, shapes_dir):
     # trained with --split 80/20/0: its test split is empty, and evaluate says so
     result = CliRunner().invoke(app, ["evaluate", "--data", str(shapes_dir), "-m", str(trained_model), "--device", "cpu"])

@@ -33,6 +33,7 @@ from capcli.cli.options import (
 )
 from capcli.data.images import MAX_IMAGE_PIXELS
 from capcli.errors import CapcliError
+from capcli.infer.result_lines import json_line
 
 
 @app.command()
@@ -101,8 +102,8 @@ def evaluate(
         log.warning("%s", note)
     if save is not None:
         refs = {str(s.image): list(s.captions) for s in chosen}
-        lines = [json.dumps({"path": r.path, "caption": r.caption, "references": refs[r.path]} if r.ok
-                            else {"path": r.path, "error": r.error}, ensure_ascii=False) for r in results]
+        lines = [json_line({"path": r.path, "caption": r.caption, "references": refs[r.path]} if r.ok
+                           else {"path": r.path, "error": r.error}) for r in results]  # a name's non-UTF-8 bytes escaped
         atomic_write_bytes(save, ("\n".join(lines) + "\n").encode())
     summary = {"split": split_name, "images": len(chosen), "beam_size": beam_size, **scores}
     if as_json:
