@@ -3,8 +3,8 @@
 # data, all drawn on the fly (make_dataset.py --table: no image files). The data is the shipped
 # recipe's (train_smiles_model.sh: the shared set, --variants 2 --brics 3000) plus N MOSES molecules,
 # each drawn twice, never a val or test molecule; training continues from the shipped model at half
-# its learning rate for 2 epochs (the session's time: ~18 min an epoch on 2 cores, after ~50 min
-# drawing and caching 38k drawings at 384 px). The shipped model and the new one are scored on the same val and test
+# its learning rate for 2 epochs (~18 min an epoch on 2 cores, after ~50 min drawing and caching
+# 38k drawings at 384 px; a third epoch, resumed by hand, was worse on val). The shipped model and the new one are scored on the same val and test
 # molecules at beam 3 (test also at 224 and 500 px). Resumable: a stopped run continues, a finished
 # one is only scored again. Needs RDKit and MOSES's data (pip install -e '.[chem]'; pip install
 # --no-deps molsets, or MOSES_FILE=the molsets wheel).
