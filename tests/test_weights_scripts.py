@@ -1,4 +1,4 @@
-"""The scripts in weights/ that rewrite model files: averaging epochs, fp16 for shipping."""
+"""weights/average_models.py: the weights of several epochs of one run averaged into one model file."""
 
 from __future__ import annotations
 
