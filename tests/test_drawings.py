@@ -76,6 +76,17 @@ def test_drawings_without_a_split_are_split_by_molecule(tmp_path, caplog):
     assert len({next(iter(v)) for v in split_of.values()}) == 3
 
 
+def test_a_tab_separated_table_lists_the_same_drawings_as_a_csv(tmp_path):
+    rows = ["a,CCO,train,300,", "b,c1ccccc1,val,224,", "c,CC(=O)O,test,,7"]
+    csv_samples = load_dataset(captions_file=write_table(tmp_path / "t.csv", rows)).samples
+    tabbed = [r.replace(",", "\t") for r in rows]
+    for name in ("t.tsv", "t.txt"):  # known by the suffix, or by a tab in the header
+        table = write_table(tmp_path / name, tabbed, header="name\tsmiles\tsplit\tsize\taugment")
+        samples = load_dataset(captions_file=table).samples
+        assert [(s.image, s.captions, s.split) for s in samples] == [(s.image, s.captions, s.split) for s in csv_samples]
+    assert [s.image.size for s in csv_samples] == [300, 224, 300] and csv_samples[2].image.augment == 7
+
+
 @pytest.mark.parametrize("row, message", [
     ("a,CCO,train,abc,", "t.csv:2: size 'abc' is not a whole number in 32..2048"),
     ("a,CCO,train,100000,", "t.csv:2: size '100000' is not a whole number in 32..2048"),

@@ -28,6 +28,7 @@ from capcli.data.tables import (
     _open_text,
     _text,
     read_caption_table,
+    table_delimiter,
 )
 from capcli.errors import CapcliError
 from capcli.files import FileProblem, parse_json
@@ -150,9 +151,9 @@ def _assemble(
     return Dataset(samples, layout, split_source, hashed, dropped)
 
 
-def _lists_drawings(text: str) -> bool:
-    """A CSV whose header has a ``smiles`` column and no image column lists molecules to draw."""
-    header = {c.strip().lower() for c in text.split("\n", 1)[0].split(",")}
+def _lists_drawings(path: Path, text: str) -> bool:
+    """A CSV or TSV table whose header has a ``smiles`` column and no image column lists molecules to draw."""
+    header = {c.strip().lower() for c in text.split("\n", 1)[0].split(table_delimiter(path, text))}
     return "smiles" in header and not header & set(IMAGE_COLUMNS)
 
 
@@ -160,7 +161,7 @@ def _load_drawings(table: Path, text: str, ratios: Sequence[float]) -> Dataset:
     """A table of molecules drawn when loaded (data.drawings): one image and one caption per row."""
     require_rdkit(str(table))
     samples, unknown, hashed = [], Counter(), 0
-    for drawing, split in read_drawing_table(table, text):
+    for drawing, split in read_drawing_table(table, text, table_delimiter(table, text)):
         split = _SPLIT_ALIASES.get(split.lower(), split.lower()) if split else None
         if split not in SPLITS:
             if split is not None:
@@ -213,7 +214,7 @@ def load_dataset(
     if captions_file is not None:
         captions_file = Path(captions_file)
         source, text = str(captions_file), _open_text(captions_file)
-        if _lists_drawings(text):
+        if _lists_drawings(captions_file, text):
             dataset = _load_drawings(captions_file, text, ratios)
         else:
             images = Path(images_dir) if images_dir is not None else captions_file.parent

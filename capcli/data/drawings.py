@@ -137,14 +137,16 @@ def require_rdkit(source: str) -> None:
         raise CapcliError(f"{source}: drawing molecules needs RDKit: pip install 'capcli[chem]'") from None
 
 
-def read_drawing_table(path: Path, text: str) -> list[tuple[Drawing, str | None]]:
-    """(drawing, split or None) for each row of the table ``text`` read from ``path``; a bad row is
-    a CapcliError naming the file and line. Rows repeating an earlier drawing are dropped."""
-    rows = csv.reader(io.StringIO(text, newline=""), strict=True, skipinitialspace=True)
+def read_drawing_table(path: Path, text: str, delimiter: str = ",") -> list[tuple[Drawing, str | None]]:
+    """(drawing, split or None) for each row of the table ``text`` read from ``path`` (CSV, or TSV
+    with ``delimiter`` a tab); a bad row is a CapcliError naming the file and line. Rows repeating an
+    earlier drawing are dropped."""
+    kind = "TSV" if delimiter == "\t" else "CSV"
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True, skipinitialspace=True)
     try:
         return _drawings(path, rows)
     except csv.Error as e:
-        raise CapcliError(f"{path}:{rows.line_num}: malformed CSV ({e})") from None
+        raise CapcliError(f"{path}:{rows.line_num}: malformed {kind} ({e})") from None
 
 
 def _drawings(path: Path, rows) -> list[tuple[Drawing, str | None]]:

@@ -87,6 +87,11 @@ def _image_key(text: str) -> str:
     return stripped if Path(stripped).suffix.lower() in IMAGE_SUFFIXES else text
 
 
+def table_delimiter(path: Path, text: str) -> str:
+    """A table's delimiter: a tab for .tsv files and for tables whose first line holds one, else a comma."""
+    return "\t" if path.suffix.lower() == ".tsv" or "\t" in text.split("\n", 1)[0] else ","
+
+
 def read_caption_table(path: Path, text: str | None = None) -> list[_Row]:
     """Read a CSV, TSV or JSONL caption file into rows of (image, caption, split, line number).
 
@@ -98,9 +103,8 @@ def read_caption_table(path: Path, text: str | None = None) -> list[_Row]:
     text = _open_text(path) if text is None else text
     if path.suffix.lower() in (".jsonl", ".ndjson") or (path.suffix.lower() == ".json" and text.lstrip()[:1] == "{"):
         return _read_jsonl(path, text)
-    first_line = text.split("\n", 1)[0]
-    tsv = path.suffix.lower() == ".tsv" or "\t" in first_line
-    delimiter, kind = ("\t", "TSV") if tsv else (",", "CSV")
+    delimiter = table_delimiter(path, text)
+    tsv, kind = delimiter == "\t", "TSV" if delimiter == "\t" else "CSV"
     # CSV quoting is strict, so a stray or unclosed quote is an error at its line instead of a
     # field that silently swallows the rest of the file. TSV has no quoting (a caption may start
     # with a quote, as some in Flickr token files do); a field wrapped in quotes is unwrapped below.
