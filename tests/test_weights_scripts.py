@@ -1,4 +1,5 @@
-"""weights/average_models.py: the weights of several epochs of one run averaged into one model file."""
+"""weights/ scripts: average_models.py averages the weights of several epochs of one run into one model
+file; the shipped photo recipe (photo_recipe.sh) reaches capcli train whole."""
 
 from __future__ import annotations
 
@@ -43,3 +44,25 @@ def test_average_models_refuses_files_of_different_models(trained_model, tmp_pat
                         str(trained_model), str(other)], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and f"{trained_model}: not the same model as {other}" in r.stderr
     assert not (tmp_path / "avg.safetensors").exists()
+
+
+def test_the_shipped_photo_recipe_reaches_capcli_train_whole(tmp_path):
+    # train_default_model.sh takes its options from photo_recipe.sh, which the photo experiments
+    # share; a stand-in capcli records what it is given
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    for name in ("capcli", "python"):
+        (bin_dir / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{log}"\n')
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
+    r = subprocess.run(["bash", str(WEIGHTS / "train_default_model.sh"), "DATA", "RUN"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    train = log.read_text().splitlines()[0].split()
+    assert train[:2] == ["capcli", "train"]
+    options = dict(zip(train[2::2], train[3::2]))
+    assert options == {"--data": "DATA", "-o": "RUN", "--split-ratios": "80/10/10", "--seed": "0", "--epochs": "25",
+                       "--patience": "6", "--device": "cpu", "--lr": "1e-3", "--lr-patience": "3", "--batch-size": "64",
+                       "--embed-dim": "128", "--attention-dim": "128", "--decoder-dim": "256", "--dropout": "0.3",
+                       "--label-smoothing": "0.1"}
+    assert len(train) == 2 + 2 * len(options)

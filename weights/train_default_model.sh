@@ -5,10 +5,9 @@
 #   weights/train_default_model.sh [DATA_DIR] [RUN_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source weights/photo_recipe.sh
 DATA=${1:-../shared/data/flickr8k-mini}
 RUN=${2:-runs/default-model}
-capcli train --data "$DATA" -o "$RUN" --split-ratios 80/10/10 --seed 0 --device cpu --lr-patience 3 \
-    --epochs 25 --patience 6 --lr 1e-3 --batch-size 64 \
-    --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3 --label-smoothing 0.1
+capcli train --data "$DATA" -o "$RUN" --split-ratios 80/10/10 --seed 0 --epochs 25 --patience 6 "${PHOTO_RECIPE[@]}"
 # Ship the best epoch (by val BLEU-4) in fp16: half the size, same captions.
 python weights/to_fp16.py "$RUN/best.safetensors" weights/capcli-lite0-flickr8k-mini.safetensors

@@ -6,6 +6,7 @@
 #   weights/try_averaging.sh [SEED] [DATA_DIR] [OUT_DIR]   -> OUT_DIR/scores.tsv (name split k CIDEr BLEU-4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source weights/photo_recipe.sh
 SEED=${1:-0}
 DATA=${2:-../shared/data/flickr8k-mini}
 OUT=${3:-runs/try-averaging}
@@ -23,9 +24,8 @@ score() {  # NAME MODEL SPLIT...
 for e in $(seq 1 $EPOCHS); do
   [ -f "$RUN/epoch$e.safetensors" ] && continue
   if [ -f "$RUN/last.safetensors" ]; then capcli train --resume "$RUN" --epochs "$e" --patience 99
-  else capcli train --data "$DATA" -o "$RUN" --split-ratios 80/10/10 --seed "$SEED" --device cpu --lr-patience 3 \
-      --epochs "$e" --patience 99 --lr 1e-3 --batch-size 64 \
-      --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3 --label-smoothing 0.1
+  else capcli train --data "$DATA" -o "$RUN" --split-ratios 80/10/10 --seed "$SEED" --epochs "$e" --patience 99 \
+      "${PHOTO_RECIPE[@]}"
   fi
   cp "$RUN/last.safetensors" "$RUN/epoch$e.safetensors"
 done

@@ -6,6 +6,7 @@
 #   weights/try_encoders.sh [DATA_DIR] [OUT_DIR]      -> OUT_DIR/scores.tsv (name split k CIDEr BLEU-4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source weights/photo_recipe.sh
 DATA=${1:-../shared/data/flickr8k-mini}
 OUT=${2:-runs/try-encoders}
 mkdir -p "$OUT"
@@ -21,9 +22,8 @@ run() {  # NAME OPTIONS...
   local name=$1; shift
   if [ ! -f "$OUT/$name/done" ]; then
     if [ -f "$OUT/$name/last.safetensors" ]; then capcli train --resume "$OUT/$name"
-    else capcli train --data "$DATA" -o "$OUT/$name" --split-ratios 80/10/10 --seed 0 --device cpu --lr-patience 3 \
-        --epochs 25 --patience 6 --lr 1e-3 --batch-size 64 \
-        --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3 --label-smoothing 0.1 "$@"
+    else capcli train --data "$DATA" -o "$OUT/$name" --split-ratios 80/10/10 --seed 0 --epochs 25 --patience 6 \
+        "${PHOTO_RECIPE[@]}" "$@"
     fi
     touch "$OUT/$name/done"
     score "$name" "$OUT/$name/best.safetensors"

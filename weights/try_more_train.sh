@@ -5,6 +5,7 @@
 #   weights/try_more_train.sh [SEED] [DATA_DIR] [OUT_DIR]   -> OUT_DIR/scores.tsv (name split k CIDEr BLEU-4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source weights/photo_recipe.sh
 SEED=${1:-0}
 DATA=${2:-../shared/data/flickr8k-mini}
 OUT=${3:-runs/try-more-train}
@@ -12,9 +13,8 @@ RUN=$OUT/s$SEED
 mkdir -p "$OUT"
 if [ ! -f "$RUN/done" ]; then
   if [ -f "$RUN/last.safetensors" ]; then capcli train --resume "$RUN"
-  else capcli train --data "$DATA" -o "$RUN" --split-ratios 85/5/10 --seed "$SEED" --device cpu --lr-patience 3 \
-      --epochs 25 --patience 6 --lr 1e-3 --batch-size 64 \
-      --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3 --label-smoothing 0.1
+  else capcli train --data "$DATA" -o "$RUN" --split-ratios 85/5/10 --seed "$SEED" --epochs 25 --patience 6 \
+      "${PHOTO_RECIPE[@]}"
   fi
   touch "$RUN/done"
 fi

@@ -5,6 +5,7 @@
 #   weights/try_scst.sh [DATA_DIR] [OUT_DIR]      -> OUT_DIR/scores.tsv
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source weights/photo_recipe.sh
 DATA=${1:-../shared/data/flickr8k-mini}
 OUT=${2:-runs/try-scst}
 mkdir -p "$OUT"
@@ -22,18 +23,16 @@ scst() {  # NAME XE_MODEL OPTIONS...
 }
 for seed in 0 1 2; do
   xe=$OUT/xe-s$seed
-  [ -f "$xe/best.safetensors" ] || capcli train --data "$DATA" -o "$xe" --split-ratios 80/10/10 --seed $seed --device cpu \
-      --lr-patience 3 --epochs 25 --patience 6 --lr 1e-3 --batch-size 64 \
-      --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3 --label-smoothing 0.1  # train_default_model.sh's
+  [ -f "$xe/best.safetensors" ] || capcli train --data "$DATA" -o "$xe" --split-ratios 80/10/10 --seed $seed \
+      --epochs 25 --patience 6 "${PHOTO_RECIPE[@]}"
   score "xe-s$seed" "$xe/best.safetensors"
   scst "s$seed-d0" "$xe/best.safetensors" --dropout 0
   scst "s$seed-d0-lr2e4" "$xe/best.safetensors" --dropout 0 --scst-lr 2e-4
 done
 for seed in 0 1 2; do  # cross-entropy without label smoothing, then SCST
   xe=$OUT/xenols-s$seed
-  [ -f "$xe/best.safetensors" ] || capcli train --data "$DATA" -o "$xe" --split-ratios 80/10/10 --seed $seed --device cpu \
-      --lr-patience 3 --epochs 25 --patience 6 --lr 1e-3 --batch-size 64 \
-      --embed-dim 128 --attention-dim 128 --decoder-dim 256 --dropout 0.3
+  [ -f "$xe/best.safetensors" ] || capcli train --data "$DATA" -o "$xe" --split-ratios 80/10/10 --seed $seed \
+      --epochs 25 --patience 6 "${PHOTO_RECIPE[@]}" --label-smoothing 0  # the last --label-smoothing counts
   score "xenols-s$seed" "$xe/best.safetensors"
   scst "nols-s$seed-d0" "$xe/best.safetensors" --dropout 0
 done
