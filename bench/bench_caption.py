@@ -12,8 +12,8 @@ int8 encoder (shipped, or `capcli quantize`). Prints one line per figure:
   (all of these: medians of --repeat interleaved runs, with their spread)
   one-at-a-time loop    images/s captioning one image per call, model loaded once (beam 3, default encoder)
   ratios                each encoder and pipeline / PyTorch fp32's
-  cold start            wall seconds of `capcli caption one.jpg` in a fresh process, per runtime
-                        (best and median of 3; OpenVINO's converted encoder already cached)
+  cold start            wall seconds of `capcli caption` in a fresh process on 1 to 128 images, per
+                        runtime, auto included (medians of --repeat; OpenVINO's converted encoder cached)
   peak memory           max RSS of `capcli beam` over 1000 image paths (streamed from stdin), per runtime
 On a GPU (--device cuda) only PyTorch runs the encoder.
 """
@@ -45,6 +45,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions of the throughput figures (medians reported)")
     ap.add_argument("--skip-process", action="store_true", help="skip the cold-start and memory figures")
+    ap.add_argument("--cold-sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 32, 64, 128],
+                    help="images per cold-start run (comma-separated)")
     args = ap.parse_args()
 
     import torch
@@ -145,15 +147,17 @@ def main() -> None:
     if args.skip_process:
         return
     capcli = [sys.executable, "-m", "capcli"]
-    runtimes = [("torch", "fp32"), *((("openvino", "auto"),) if ("openvino", "fp32") in chosen else ())]
-    for runtime, precision in runtimes:
-        walls = []
-        for _ in range(3):
-            t = time.perf_counter()
-            subprocess.run([*capcli, "caption", "-m", str(model_path), "--device", args.device, "--runtime", runtime,
-                            "--precision", precision, str(paths[0])], check=True, capture_output=True)
-            walls.append(time.perf_counter() - t)
-        line(f"cold start: caption one.jpg, {runtime} {precision}", min(walls), "s wall", f"(median {statistics.median(walls):.2f} s)")
+    runtimes = [("torch", "fp32"), *((("openvino", "auto"), ("auto", "auto")) if ("openvino", "fp32") in chosen else ())]
+    walls: dict[tuple[int, str], list[float]] = {}
+    for _ in range(args.repeat):  # interleaved: every size and runtime in each round
+        for n in args.cold_sizes:
+            for runtime, precision in runtimes:
+                t = time.perf_counter()
+                subprocess.run([*capcli, "caption", "-m", str(model_path), "--device", args.device, "--runtime", runtime,
+                                "--precision", precision, *map(str, paths[:n])], check=True, capture_output=True)
+                walls.setdefault((n, f"{runtime} {precision}"), []).append(time.perf_counter() - t)
+    for (n, name), w in walls.items():
+        line(f"cold start: caption {n} image{'s' * (n > 1)}, {name}", statistics.median(w), "s wall", f"(best {min(w):.2f} s)")
 
     listing = "\n".join(str(paths[i % len(paths)]) for i in range(1000)) + "\n"
     # The child reports its own peak (VmHWM): ru_maxrss of a child also counts this process's

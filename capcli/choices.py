@@ -12,6 +12,9 @@ DEVICES = ("auto", "cpu", "cuda")  # plus "cuda:N", which the option help does n
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of training, and of the encoder on PyTorch
 CAPTION_PRECISIONS = PRECISIONS + ("int8",)  # int8: the encoder on OpenVINO, CPU only
 RUNTIMES = ("auto", "torch", "openvino")  # what runs the encoder when captioning; auto: OpenVINO on the CPU
+# auto keeps PyTorch for fewer images than this, when their number is known: starting OpenVINO (~0.5 s
+# here) costs more than its faster encoder saves (~5 ms an image; docs/precision.md, bench_caption.py)
+OPENVINO_FROM_IMAGES = 64
 FORMATS = ("text", "tsv", "jsonl")  # of caption/beam results
 EXPORT_FORMATS = ("onnx",)  # of `capcli export`
 CALIBRATION_IMAGES = 300  # `capcli quantize`'s default: NNCF's own; fewer than ~100 loses accuracy

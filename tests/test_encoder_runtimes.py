@@ -127,6 +127,29 @@ def test_auto_picks_int8_only_on_cpus_with_8_bit_dot_products(trained_model, int
     assert isinstance(Captioner.load(trained_model, "cpu", "auto", "torch").encoder, encoding.TorchEncoder)
 
 
+def test_auto_keeps_pytorch_for_fewer_images_than_pay_for_starting_openvino(trained_model, int8_file, shapes_dir,
+                                                                           monkeypatch):
+    from capcli.infer import captioner as captioner_module
+
+    monkeypatch.setattr(encoding, "cpu_has_int8_dot", lambda: True)  # not even int8 is worth starting for a few
+    model = load_model(trained_model).model
+    few, enough = encoding.OPENVINO_FROM_IMAGES - 1, encoding.OPENVINO_FROM_IMAGES
+    assert isinstance(encoding.choose_encoder(model, "word", CPU, images=few), encoding.TorchEncoder)
+    assert encoding.choose_encoder(model, "word", CPU, images=enough).precision == "int8"
+    assert encoding.choose_encoder(model, "word", CPU).precision == "int8"  # how many is not known (stdin)
+    for precision, runtime in (("fp32", "openvino"), ("int8", "auto")):  # asked for by name: always
+        chosen = encoding.choose_encoder(model, "word", CPU, precision, runtime, images=1)
+        assert isinstance(chosen, openvino_encoder.OpenVinoEncoder) and chosen.precision == precision
+    # the command says how many images it has, or None when they stream from stdin
+    counts, real = [], captioner_module.choose_encoder
+    monkeypatch.setattr(captioner_module, "choose_encoder", lambda *a, **k: counts.append(k["images"]) or real(*a, **k))
+    paths = shape_images(shapes_dir, 3)
+    for args, stdin in (([*paths], None), (["-"], "\n".join(paths) + "\n")):
+        r = run_cli("caption", "-m", str(trained_model), "--device", "cpu", *args, input=stdin)
+        assert r.exit_code == 0 and len(r.stdout.splitlines()) == 3, r.stderr
+    assert counts == [3, None]
+
+
 def test_cpu_int8_detection_reads_the_cpus_flags(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: False, raising=False)
     monkeypatch.setattr(devices, "cpu_has_amx", lambda: False)

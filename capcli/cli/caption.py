@@ -155,7 +155,8 @@ def _opened(paths, out: CollectionOptions, fmt, index, count, ctx, chosen: Model
             also_done = read_done(out.output, fmt) if ctx.enabled and out.resume and out.output.exists() else None
             outputs = Outputs(fmt, out.output, out.resume, sidecars, index, count, also_done)
             device = str(distributed.training_device(ctx, chosen.device))
-            captioner = Captioner.load(chosen.model, device, chosen.precision, chosen.runtime)
+            captioner = Captioner.load(chosen.model, device, chosen.precision, chosen.runtime,
+                                       images=len(items) if listed else None)
         except CapcliError as e:
             problem = e
         _stop_together(ctx, problem)

@@ -56,7 +56,7 @@ PathsArg = Annotated[Optional[List[str]], typer.Argument(help="Image files, fold
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model file (.safetensors), or a shipped model: default (photo captions) or smiles (molecules). Default: $CAPCLI_MODEL, else the photo model.", show_default=False, rich_help_panel=MODEL)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to run; auto: cuda when available.", rich_help_panel=MODEL)]
 PrecisionOpt = Annotated[CaptionPrecision, typer.Option(help="Encoder precision; auto: bf16 on GPUs, int8 on CPUs with VNNI or AMX when the encoder has an int8 version, else fp32.", rich_help_panel=MODEL)]
-RuntimeOpt = Annotated[Runtime, typer.Option(help="What runs the encoder; auto: OpenVINO on the CPU when installed, else PyTorch.", rich_help_panel=MODEL)]
+RuntimeOpt = Annotated[Runtime, typer.Option(help=f"What runs the encoder; auto: OpenVINO on the CPU when installed, except to caption fewer than {choices.OPENVINO_FROM_IMAGES} images; else PyTorch.", rich_help_panel=MODEL)]
 MaxLenOpt = Annotated[Optional[int], typer.Option(help="Longest output, in tokens (default: 30 words, 150 characters, 100 SMILES tokens).", min=1, show_default=False, rich_help_panel=DECODING)]
 PenaltyOpt = Annotated[float, typer.Option(help="Rank by log-prob / length ** PENALTY.", rich_help_panel=DECODING)]
 NoRepeatOpt = Annotated[Optional[int], typer.Option("--no-repeat-ngram", help="Never repeat an N-token sequence in a caption; 0: off. Default: 3 for word models, off for character and SMILES models.", min=0, show_default=False, rich_help_panel=DECODING)]

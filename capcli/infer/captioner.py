@@ -55,16 +55,17 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | Path | None = None, device: str = "auto", precision: str = "auto",
-             runtime: str = "auto") -> "Captioner":
+             runtime: str = "auto", images: int | None = None) -> "Captioner":
         """``path``: a model file, a shipped model's short name (default, captions, smiles), or None
         for the default model. ``precision`` of the encoder: auto, fp32, bf16, fp16 (GPU) or int8
-        (CPU); ``runtime``: auto (OpenVINO on the CPU when installed), torch or openvino; see
+        (CPU); ``runtime``: auto (OpenVINO on the CPU when installed, and ``images``, how many will
+        be captioned if known, are enough to pay for starting it), torch or openvino; see
         infer.encoding.choose_encoder. The search always runs in fp32."""
         dev = resolve_device(device)
         file = model_path(path)
         loaded = model_files.load_model(file, dev)
         encoder = choose_encoder(loaded.model, loaded.vocab.tokenizer, dev, precision, runtime,
-                                 model_name=str(path) if path is not None else "default")
+                                 model_name=str(path) if path is not None else "default", images=images)
         return cls(loaded, dev, encoder=encoder)
 
     @property

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from capcli.choices import CAPTION_PRECISIONS, RUNTIMES
+from capcli.choices import CAPTION_PRECISIONS, OPENVINO_FROM_IMAGES, RUNTIMES
 from capcli.errors import CapcliError
 from capcli.infer import openvino_encoder as ov_encoder
 from capcli.model.caption_model import CaptionModel
@@ -35,9 +35,10 @@ class TorchEncoder:
 
 
 def choose_encoder(model: CaptionModel, tokenizer: str, device: torch.device, precision: str = "auto",
-                   runtime: str = "auto", model_name: str = "MODEL"):
+                   runtime: str = "auto", model_name: str = "MODEL", images: int | None = None):
     """(--precision, --runtime) -> the encoder to call, ``TorchEncoder`` or ``OpenVinoEncoder``;
-    its ``precision`` says what runs. auto on the CPU: OpenVINO when installed; int8 when this CPU
+    its ``precision`` says what runs. auto on the CPU: OpenVINO when installed, unless ``images``
+    (how many will be encoded, when known) is fewer than OPENVINO_FROM_IMAGES; int8 when this CPU
     has 8-bit dot products (VNNI, AMX) and an int8 version of this encoder exists (shipped, or
     made by `capcli quantize`), and a line on stderr says so; else fp32."""
     if runtime not in RUNTIMES:
@@ -47,8 +48,9 @@ def choose_encoder(model: CaptionModel, tokenizer: str, device: torch.device, pr
     if runtime == "torch" and precision == "int8":
         raise CapcliError("--precision int8 runs on OpenVINO: use --runtime openvino (or auto)")
     resolved = resolve_precision(precision, device, CAPTION_PRECISIONS)
+    worth_starting = images is None or images >= OPENVINO_FROM_IMAGES
     on_openvino = device.type == "cpu" and (runtime == "openvino" or resolved == "int8"
-                                            or (runtime == "auto" and ov_encoder.openvino_available()))
+                                            or (runtime == "auto" and worth_starting and ov_encoder.openvino_available()))
     if not on_openvino:
         return TorchEncoder(model, device, resolved)
     ov_encoder.import_openvino("--runtime openvino" if runtime == "openvino" else f"--precision {resolved}")
