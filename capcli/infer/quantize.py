@@ -1,7 +1,7 @@
 """int8 encoders: calibrate a model's encoder on images of its own domain and quantize it with NNCF
 for OpenVINO.
 
-The recipe (docs/precision-and-speed.md has the measurements): weights per channel, activations
+The recipe (docs/precision.md has the measurements): weights per channel, activations
 per tensor, symmetric except where a layer's inputs are one-signed (NNCF's "mixed" preset); the
 first and last convolutions kept in fp32, where 8 bits cost the most accuracy; weights in 7 bits
 (NNCF's overflow fix), so the file gives the same numbers on CPUs without VNNI, whose 8-bit
