@@ -113,6 +113,22 @@ def test_int8_captions_agree_with_fp32_on_most_images(trained_model, shapes_dir,
     assert ((int8.encode(x) - reference).norm() / reference.norm()) < 0.3
 
 
+def test_evaluate_says_what_ran_the_encoder(trained_model, shapes_dir, int8_file, no_java):
+    # the same model scores differently in int8, which auto picks on some CPUs: the scores say so
+    import json
+
+    base = ["evaluate", "--data", str(shapes_dir), "-m", str(trained_model), "--split", "val", "--device", "cpu"]
+    for options, runtime, precision in ((["--runtime", "torch"], "torch", "fp32"),
+                                        (["--precision", "fp32", "--runtime", "openvino"], "openvino", "fp32"),
+                                        (["--precision", "int8"], "openvino", "int8")):
+        r = run_cli(*base, *options, "--json")
+        assert r.exit_code == 0, r.output
+        scores = json.loads(r.stdout)
+        assert (scores["runtime"], scores["precision"]) == (runtime, precision) and scores["BLEU-4"] >= 0
+    table = run_cli(*base, "--precision", "int8")
+    assert table.exit_code == 0 and "encoder int8 on openvino" in " ".join(table.stdout.split())  # a wrapped title
+
+
 @pytest.mark.parametrize("has_dot, expected", [(True, "int8"), (False, "fp32")])
 def test_auto_picks_int8_only_on_cpus_with_8_bit_dot_products(trained_model, int8_file, monkeypatch, capcli_log,
                                                               caplog, has_dot, expected):

@@ -55,6 +55,7 @@ def test_evaluate_command_json_and_saved_captions(trained_model, shapes_dir, tmp
     assert result.exit_code == 0, result.output
     scores = json.loads(result.stdout)
     assert scores["split"] == "val" and scores["images"] > 0 and scores["beam_size"] == 1
+    assert (scores["runtime"], scores["precision"]) == ("torch", "fp32")  # in this process auto keeps PyTorch
     assert {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(scores)
     assert scores["BLEU-1"] > 0.5  # the model learnt the shapes
     rows = [json.loads(line) for line in saved.read_text().splitlines()]

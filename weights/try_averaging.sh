@@ -17,7 +17,7 @@ score() {  # NAME MODEL SPLIT...
   local name=$1 model=$2; shift 2
   for split in "$@"; do
     grep -q "^$name	$split	" "$OUT/scores.tsv" 2>/dev/null && continue
-    capcli evaluate --data "$DATA" --split-ratios 80/10/10 --split "$split" -m "$model" -k 3 --device cpu --json |
+    capcli evaluate --data "$DATA" --split-ratios 80/10/10 --split "$split" -m "$model" -k 3 --device cpu --precision fp32 --json |
       python -c "import json, sys; d = json.load(sys.stdin); print('$name\t$split\t3\t%.4f\t%.4f' % (d['CIDEr'], d['BLEU-4']))" >> "$OUT/scores.tsv"
   done
 }

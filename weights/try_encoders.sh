@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 score() {  # NAME MODEL
   for split in val test; do
     for k in 1 3; do
-      capcli evaluate --data "$DATA" --split-ratios 80/10/10 --split $split -m "$2" -k $k --device cpu --json |
+      capcli evaluate --data "$DATA" --split-ratios 80/10/10 --split $split -m "$2" -k $k --device cpu --precision fp32 --json |
         python -c "import json, sys; d = json.load(sys.stdin); print('$1\t$split\t$k\t%.4f\t%.4f' % (d['CIDEr'], d['BLEU-4']))" >> "$OUT/scores.tsv"
     done
   done

@@ -20,6 +20,6 @@ if [ ! -f "$RUN/done" ]; then
 fi
 for split in val test; do
   grep -q "^s$SEED	$split	" "$OUT/scores.tsv" 2>/dev/null && continue
-  capcli evaluate --data "$DATA" --split-ratios 85/5/10 --split $split -m "$RUN/best.safetensors" -k 3 --device cpu --json |
+  capcli evaluate --data "$DATA" --split-ratios 85/5/10 --split $split -m "$RUN/best.safetensors" -k 3 --device cpu --precision fp32 --json |
     python -c "import json, sys; d = json.load(sys.stdin); print('s$SEED\t$split\t3\t%.4f\t%.4f' % (d['CIDEr'], d['BLEU-4']))" >> "$OUT/scores.tsv"
 done

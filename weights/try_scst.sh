@@ -11,7 +11,7 @@ OUT=${2:-runs/try-scst}
 mkdir -p "$OUT"
 score() {  # NAME MODEL: val and test CIDEr and BLEU-4 at beam 3
   for split in val test; do
-    capcli evaluate --data "$DATA" --split-ratios 80/10/10 --split $split -m "$2" -k 3 --device cpu --json |
+    capcli evaluate --data "$DATA" --split-ratios 80/10/10 --split $split -m "$2" -k 3 --device cpu --precision fp32 --json |
       python -c "import json, sys; d = json.load(sys.stdin); print('$1\t$split\t%.4f\t%.4f' % (d['CIDEr'], d['BLEU-4']))" >> "$OUT/scores.tsv"
   done
 }

@@ -105,14 +105,17 @@ def evaluate(
         lines = [json_line({"path": r.path, "caption": r.caption, "references": refs[r.path]} if r.ok
                            else {"path": r.path, "error": r.error}) for r in results]  # a name's non-UTF-8 bytes escaped
         atomic_write_bytes(save, ("\n".join(lines) + "\n").encode())
-    summary = {"split": split_name, "images": len(chosen), "beam_size": beam_size, **scores}
+    # what ran the encoder: the same model scores differently in int8, which auto picks on some CPUs
+    encoder = {"runtime": captioner.encoder.runtime, "precision": captioner.precision}
+    summary = {"split": split_name, "images": len(chosen), "beam_size": beam_size, **encoder, **scores}
     if as_json:
         print(json.dumps(summary))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(chosen)} {split_name} images, " + ("greedy" if beam_size == 1 else f"beam {beam_size}"))
+    table = Table(title=f"{len(chosen)} {split_name} images, " + ("greedy" if beam_size == 1 else f"beam {beam_size}")
+                  + f", encoder {encoder['precision']} on {encoder['runtime']}")
     table.add_column("metric")
     table.add_column("score", justify="right")
     for name, value in scores.items():

@@ -20,6 +20,8 @@ log = logging.getLogger("capcli")
 class TorchEncoder:
     """The model's own encoder, (N, 3, S, S) -> (N, L, D), in chunks of the size it runs fastest at."""
 
+    runtime = "torch"
+
     def __init__(self, model: CaptionModel, device: torch.device, precision: str):
         self.model, self.device, self.precision = model, device, precision
         self.chunk = encoder_batch(device, precision)

@@ -103,6 +103,8 @@ def save(ov_model, xml_path: Path) -> None:
 class OpenVinoEncoder:
     """Compiled for this CPU; called like the PyTorch encoder: (N, 3, S, S) -> (N, L, D)."""
 
+    runtime = "openvino"
+
     def __init__(self, xml_or_model, model: CaptionModel, precision: str, source: str):
         ov = import_openvino(f"--precision {precision}" if precision == "int8" else "the OpenVINO encoder")
         core = ov.Core()
