@@ -1,5 +1,6 @@
 """weights/ scripts: average_models.py averages the weights of several epochs of one run into one model
-file; the shipped photo recipe (photo_recipe.sh) reaches capcli train whole."""
+file; the shipped photo recipe (photo_recipe.sh) reaches capcli train whole; the molecule experiments
+score in fp32 (molecule_scores.sh)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,29 @@ def test_the_shipped_photo_recipe_reaches_capcli_train_whole(tmp_path):
                        "--embed-dim": "128", "--attention-dim": "128", "--decoder-dim": "256", "--dropout": "0.3",
                        "--label-smoothing": "0.1"}
     assert len(train) == 2 + 2 * len(options)
+
+
+def test_molecule_experiments_score_every_set_with_the_encoder_in_fp32(tmp_path):
+    # molecule_scores.sh, which try_moses.sh and try_smiles_finetune.sh source: four sets at beam 3,
+    # the encoder in fp32 (auto would run int8 on CPUs with VNNI, for the shipped model only), one
+    # TSV line each with the float scores; a stand-in capcli records its arguments and answers as
+    # `capcli evaluate --json` does
+    bin_dir, calls, scores = tmp_path / "bin", tmp_path / "calls", tmp_path / "scores.tsv"
+    bin_dir.mkdir()
+    (bin_dir / "capcli").write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n'
+                                    'echo \'{"split": "test", "images": 3, "beam_size": 3, "runtime": "torch", '
+                                    '"precision": "fp32", "valid": 0.5, "tanimoto": 0.25}\'\n')
+    (bin_dir / "capcli").chmod(0o755)
+    script = f'source "{WEIGHTS / "molecule_scores.sh"}" && score_molecules mine MODEL DATA "{scores}"'
+    r = subprocess.run(["bash", "-c", script], env={"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin"},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    asked = [line.split() for line in calls.read_text().splitlines()]
+    assert [(a[a.index("--captions") + 1], a[a.index("--split") + 1]) for a in asked] == [
+        ("DATA/molecules.csv", "val"), ("DATA/molecules.csv", "test"),
+        ("DATA/molecules_test_224.csv", "test"), ("DATA/molecules_test_500.csv", "test")]
+    assert all(a[:1] == ["evaluate"] and a[a.index("--precision") + 1] == "fp32" and a[a.index("-k") + 1] == "3"
+               and a[a.index("-m") + 1] == "MODEL" for a in asked)
+    assert scores.read_text().splitlines() == [f"mine\t{table}\tvalid=0.5000\ttanimoto=0.2500" for table in
+                                               ("molecules.csv:val", "molecules.csv:test",
+                                                "molecules_test_224.csv:test", "molecules_test_500.csv:test")]

@@ -19,12 +19,8 @@ RUN=$OUT/moses$N
 mkdir -p "$OUT"
 [ -f "$DATA/molecules.csv" ] || python examples/molecules/make_dataset.py "$SMILES" "$DATA" --variants 2 --brics 3000 \
     --moses "$N" ${MOSES_FILE:+--moses-file "$MOSES_FILE"} --table
-score() {  # NAME MODEL: val and test (300 px), then test at 224 and 500 px, all at beam 3
-  for table in molecules.csv:val molecules.csv:test molecules_test_224.csv:test molecules_test_500.csv:test; do
-    capcli evaluate --captions "$DATA/${table%:*}" --split "${table#*:}" -m "$2" -k 3 --device cpu --precision fp32 --json |
-      python -c "import json, sys; d = json.load(sys.stdin); print('\t'.join(['$1', '$table'] + ['%s=%.4f' % kv for kv in d.items() if isinstance(kv[1], float)]))" >> "$OUT/scores.tsv"
-  done
-}
+source weights/molecule_scores.sh
+score() { score_molecules "$1" "$2" "$DATA" "$OUT/scores.tsv"; }
 [ -f "$OUT/shipped.scored" ] || { score shipped weights/capcli-lite0-smiles.safetensors; touch "$OUT/shipped.scored"; }
 if [ ! -f "$RUN/done" ]; then
   if [ -f "$RUN/last.safetensors" ]; then capcli train --resume "$RUN"
