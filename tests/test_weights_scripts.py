@@ -70,7 +70,7 @@ def test_the_shipped_photo_recipe_reaches_capcli_train_whole(tmp_path):
 
 
 def test_molecule_experiments_score_every_set_with_the_encoder_in_fp32(tmp_path):
-    # molecule_scores.sh, which try_moses.sh and try_smiles_finetune.sh source: four sets at beam 3,
+    # molecule_scores.sh, which the molecule experiments source: four sets at beam 3,
     # the encoder in fp32 (auto would run int8 on CPUs with VNNI, for the shipped model only), one
     # TSV line each with the float scores; a stand-in capcli records its arguments and answers as
     # `capcli evaluate --json` does

@@ -6,8 +6,10 @@
 # its learning rate for 2 epochs (~18 min an epoch on 2 cores, after ~50 min drawing and caching
 # 38k drawings at 384 px; a third epoch, resumed by hand, was worse on val). The shipped model and the new one are scored on the same val and test
 # molecules at beam 3 (test also at 224 and 500 px). Resumable: a stopped run continues, a finished
-# one is only scored again. Needs RDKit and MOSES's data (pip install -e '.[chem]'; pip install
-# --no-deps molsets, or MOSES_FILE=the molsets wheel).
+# one is only scored again. The figures in docs/experiments.md were made from the reader shipped
+# then, stage 1 of train_smiles_model.sh; today's shipped reader has its encoder's top trained too.
+# Needs RDKit and MOSES's data (pip install -e '.[chem]'; pip install --no-deps molsets, or
+# MOSES_FILE=the molsets wheel).
 #   weights/try_moses.sh [N_MOSES] [SMILES_CSV] [OUT_DIR]   -> OUT_DIR/scores.tsv
 set -euo pipefail
 cd "$(dirname "$0")/.."
