@@ -58,9 +58,9 @@ def test_readme_links_to_files_that_exist():
 
 def test_docs_pages_named_in_code_and_scripts_exist():
     # A docstring or a script's comment that sends the reader to docs/ must name a page that is there.
-    sources = [*(ROOT / "capcli").rglob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "weights").glob("*.*"),
-               *(ROOT / "examples").rglob("*.py")]
-    named = {(source.relative_to(ROOT), page) for source in sources if source.suffix in (".py", ".sh")
+    sources = [*(ROOT / "capcli").rglob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "weights").glob("*.py"),
+               *(ROOT / "weights").glob("*.sh"), *(ROOT / "examples").rglob("*.py")]
+    named = {(source.relative_to(ROOT), page) for source in sources
              for page in re.findall(r"docs/[\w-]+\.md", source.read_text())}
     assert named and all((ROOT / page).is_file() for _, page in named), \
         sorted(f"{source}: {page}" for source, page in named if not (ROOT / page).is_file())

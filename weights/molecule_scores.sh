@@ -1,4 +1,4 @@
-# How the molecule experiments score a model, sourced by try_moses.sh:
+# How the molecule experiments score a model (sourced by try_moses.sh):
 # val and test (300 px), then test at 224 and 500 px, all at beam 3 with the encoder in fp32, one
 # line per set appended to a TSV.
 #   score_molecules NAME MODEL DATA_DIR SCORES_TSV

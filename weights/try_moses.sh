@@ -22,13 +22,12 @@ mkdir -p "$OUT"
 [ -f "$DATA/molecules.csv" ] || python examples/molecules/make_dataset.py "$SMILES" "$DATA" --variants 2 --brics 3000 \
     --moses "$N" ${MOSES_FILE:+--moses-file "$MOSES_FILE"} --table
 source weights/molecule_scores.sh
-score() { score_molecules "$1" "$2" "$DATA" "$OUT/scores.tsv"; }
-[ -f "$OUT/shipped.scored" ] || { score shipped weights/capcli-lite0-smiles.safetensors; touch "$OUT/shipped.scored"; }
+[ -f "$OUT/shipped.scored" ] || { score_molecules shipped weights/capcli-lite0-smiles.safetensors "$DATA" "$OUT/scores.tsv"; touch "$OUT/shipped.scored"; }
 if [ ! -f "$RUN/done" ]; then
   if [ -f "$RUN/last.safetensors" ]; then capcli train --resume "$RUN"
   else capcli train --data "$DATA" -o "$RUN" --init weights/capcli-lite0-smiles.safetensors --device cpu --precision fp32 \
       --seed 0 --epochs 2 --batch-size 64 --lr 5e-4 --patience 3 --lr-patience 1
   fi
   touch "$RUN/done"
-  score "moses$N" "$RUN/best.safetensors"
+  score_molecules "moses$N" "$RUN/best.safetensors" "$DATA" "$OUT/scores.tsv"
 fi
